@@ -1,0 +1,73 @@
+"""The `genome` command: a thin dispatcher. Each subcommand lives in its own module under scripts/
+exposing `add_arguments(parser)` and `run(args) -> int`; wiring only, no math here."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# subcommand -> (module, one-line help). Modules are imported lazily so `genome inspect` never pays for vLLM/torch.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fetch-model": ("scripts.fetch_model", "download + convert the embedded SmolLM2-135M-Instruct model"),
+    "inspect": ("scripts.inspect_cmd", "summarise a folder of PEFT LoRA adapters as a population"),
+    "merge": ("scripts.merge_cmd", "merge PEFT adapters (linear, ties, dare, ...) into one PEFT folder"),
+    "eval": ("scripts.eval_cmd", "score adapters (or the base model) on tasks; prints JSON"),
+    "train-experts": ("scripts.train_experts", "fine-tune one LoRA expert per task file with optax"),
+    "run": ("scripts.run_cmd", "run GENOME / GENOME+ evolution with checkpoint + resume"),
+    "demo": ("scripts.demo", "the one-command end-to-end demo on SmolLM2-135M"),
+    "bench": ("scripts.bench", "benchmarks: operators | eval | trainer | scorer | scale"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as argparse does, but without the usage dump
+        sys.stderr.write(f"genome: error: {message}\n")
+        sys.exit(2)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from evaluators.errors import UserError as EvalUserError
+    from genome_jax.errors import UserError as EngineUserError
+
+    return (EngineUserError, EvalUserError, FileNotFoundError, PermissionError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="genome", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == wanted:  # only import the module that will run
+            try:
+                mod = importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if e.name == module:
+                    parser.error(f"subcommand '{name}' is not available in this build")
+                raise
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("GENOME_DEBUG") == "1"
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write("genome: interrupted\n")
+        return 130
+    except _user_errors() as e:
+        if debug:
+            raise
+        sys.stderr.write(f"genome: error: {e}\n")
+        return 1
+    except Exception as e:  # unexpected: still one line unless --debug
+        if debug:
+            raise
+        sys.stderr.write(f"genome: internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback)\n")
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
