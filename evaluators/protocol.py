@@ -12,8 +12,12 @@ from typing import Any
 class ChoiceRequest:
     """Score each option as a continuation of the prompt by log-probability (lm-eval-harness style).
 
-    prompt: the full prompt text, chat template already applied by the task when `chat` is True in the task's
-    formatting (backends never re-template). options: continuation strings, e.g. [" A", " B", " C", " D"].
+    prompt: the full prompt text, chat template already applied by the task when its prompt uses one (backends
+    never re-template). options: continuation strings, e.g. [" A", " B", " C", " D"].
+    Tokens: prompt = tokenizer.encode(prompt) with the tokenizer's defaults (as vLLM tokenises a text prompt);
+    option j = tokenizer.encode(options[j], add_special_tokens=False), appended after the prompt tokens.
+    ChoiceResponse.logprobs[j] = sum of log P(option token | prompt + earlier option tokens), unnormalised
+    (the task normalises over options). evaluators/reference.py is the transformers implementation of this.
     """
 
     prompt: str

@@ -1,0 +1,211 @@
+"""External OpenAI-compatible vLLM servers as the backend (`--endpoints http://host:port ...`).
+
+Each server must run with LoRA enabled and runtime adapter updates allowed:
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve MODEL --enable-lora --max-lora-rank 16 --max-loras 8
+and must see the adapter folders at the same paths (same machine or a shared file system). Individuals are spread
+over the servers through one shared work queue (`per_endpoint` individuals in flight on each server); per individual:
+POST /v1/load_lora_adapter, one /v1/completions call per group of like requests (a list of token-id prompts, so
+the server batches them), POST /v1/unload_lora_adapter. Choice options are scored exactly as in the managed worker:
+single-token options with `logprob_token_ids` from one forward, longer options from `prompt_logprobs` of
+prompt+option. Only the standard library is used (no vLLM in this process).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import threading
+import urllib.error
+import urllib.request
+from typing import Callable
+
+from evaluators.errors import EvaluatorCrashed, UserError
+from evaluators.protocol import ChoiceRequest, ChoiceResponse, GenerateRequest, GenerateResponse
+
+
+class Endpoint:
+    def __init__(self, url: str, timeout_s: float):
+        if not url.startswith(("http://", "https://")):
+            raise UserError(f"endpoint {url!r}: expected http://host:port")
+        self.url = url.rstrip("/")
+        if self.url.endswith("/v1"):
+            self.url = self.url[:-3]
+        self.timeout_s = timeout_s
+        self._tok_cache: dict[tuple[str, bool], list[int]] = {}
+        self.base_model = None
+
+    def call(self, method: str, path: str, body: dict | None = None, timeout_s: float | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")[:500]
+            raise EvaluatorCrashed(f"endpoint {self.url}{path} answered HTTP {e.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise EvaluatorCrashed(f"endpoint {self.url} is unreachable ({path}): {e}") from None
+        try:
+            return json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            return raw.decode(errors="replace")
+
+    def connect(self) -> str:
+        models = self.call("GET", "/v1/models", timeout_s=30)
+        data = (models or {}).get("data") or []
+        # the base model is the entry without a parent (LoRA adapters list their base as `parent`)
+        bases = [m["id"] for m in data if not m.get("parent")]
+        if not bases:
+            raise UserError(f"endpoint {self.url}: /v1/models lists no model")
+        self.base_model = bases[0]
+        return self.base_model
+
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        key = (text, special)
+        ids = self._tok_cache.get(key)
+        if ids is None:
+            out = self.call("POST", "/tokenize", {"model": self.base_model, "prompt": text,
+                                                  "add_special_tokens": special})
+            ids = self._tok_cache[key] = list(out["tokens"])
+        return ids
+
+
+def _lp(entry) -> float:
+    return float(entry["logprob"] if isinstance(entry, dict) else entry)
+
+
+class EndpointsBackend:
+    kind = "endpoints"
+
+    def __init__(self, endpoints: list[str], *, model: str | None = None, per_endpoint: int = 4,
+                 request_timeout_s: float = 900.0, **_ignored):
+        if not endpoints:
+            raise UserError("--endpoints needs at least one http://host:port")
+        self.endpoints = [Endpoint(u, request_timeout_s) for u in endpoints]
+        self.model = model
+        self.per_endpoint = max(1, per_endpoint)
+        self._connected = False
+        self._names = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def _connect(self) -> None:
+        if not self._connected:
+            for e in self.endpoints:
+                e.connect()
+            self._connected = True
+
+    # ---- one individual on one endpoint -------------------------------------------------------------------------
+    def _score(self, ep: Endpoint, model: str, requests: list) -> list:
+        out: list = [None] * len(requests)
+        groups: dict[tuple, list] = {}  # params key -> [(request index, prompt ids or text, reader info)]
+        for i, r in enumerate(requests):
+            if isinstance(r, ChoiceRequest):
+                pids = ep.tokenize(r.prompt, True)
+                oids = [ep.tokenize(o, False) for o in r.options]
+                if any(not ids for ids in oids):
+                    raise UserError(f"choice option list {r.options!r} has an option that is empty after tokenisation")
+                if all(len(ids) == 1 for ids in oids):
+                    uniq = tuple(sorted({ids[0] for ids in oids}))
+                    groups.setdefault(("choice1", uniq), []).append((i, pids, [ids[0] for ids in oids]))
+                else:
+                    for j, ids in enumerate(oids):
+                        groups.setdefault(("choiceN",), []).append(((i, j, len(oids)), pids + ids, (len(pids), ids)))
+            elif isinstance(r, GenerateRequest):
+                key = ("gen", int(r.max_tokens), float(r.temperature), r.seed, tuple(r.stop))
+                groups.setdefault(key, []).append((i, r.prompt, None))
+            else:
+                raise UserError(f"unknown request type {type(r).__name__}")
+        partial: dict[int, list] = {}
+        for key, members in groups.items():
+            body = {"model": model, "prompt": [m[1] for m in members], "max_tokens": 1, "temperature": 0.0}
+            if key[0] == "choice1":
+                body.update(logprobs=len(key[1]), logprob_token_ids=list(key[1]), return_tokens_as_token_ids=True)
+            elif key[0] == "choiceN":
+                body.update(prompt_logprobs=0)
+            else:
+                _, max_tokens, temp, seed, stop = key
+                body.update(max_tokens=max_tokens, temperature=temp)
+                if seed is not None:
+                    body["seed"] = seed
+                if stop:
+                    body["stop"] = list(stop)
+            res = ep.call("POST", "/v1/completions", body)
+            choices = sorted(res["choices"], key=lambda c: c["index"])
+            if len(choices) != len(members):
+                raise EvaluatorCrashed(f"endpoint {ep.url}: {len(choices)} completions for {len(members)} prompts")
+            for (idx, _, info), ch in zip(members, choices):
+                if key[0] == "gen":
+                    out[idx] = GenerateResponse(ch["text"])
+                elif key[0] == "choice1":
+                    top = ch["logprobs"]["top_logprobs"][0]
+                    out[idx] = ChoiceResponse(tuple(float(top[f"token_id:{t}"]) for t in info))
+                else:
+                    i, j, n_opt = idx
+                    start, ids = info
+                    plp = ch["prompt_logprobs"]
+                    val = sum(_lp(plp[start + k][str(t)]) for k, t in enumerate(ids))
+                    partial.setdefault(i, [None] * n_opt)[j] = float(val)
+        for i, vals in partial.items():
+            out[i] = ChoiceResponse(tuple(vals))
+        return out
+
+    def _job(self, ep: Endpoint, adapter: str | None, requests: list) -> list:
+        if adapter is None:
+            return self._score(ep, ep.base_model, requests)
+        with self._lock:
+            name = f"genome-ind{next(self._names)}"
+        ep.call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": adapter})
+        try:
+            return self._score(ep, name, requests)
+        finally:
+            try:
+                ep.call("POST", "/v1/unload_lora_adapter", {"lora_name": name}, timeout_s=60)
+            except EvaluatorCrashed:
+                pass  # the server is gone or already forgot it; the scoring error (if any) says more
+
+    # ---- the backend interface --------------------------------------------------------------------------------------
+    def answer(self, jobs: list[tuple[str | None, str | None, list]], *, mode: str | None = None,
+               timeout_s: float | None = None, on_progress: Callable[[int], None] | None = None):
+        if mode not in (None, "auto", "lora"):
+            raise UserError(f"--eval_mode {mode} is not available with --endpoints (servers use multi-LoRA)")
+        self._connect()
+        work: queue.Queue = queue.Queue()
+        for j, job in enumerate(jobs):
+            work.put((j, job))
+        results: list = [None] * len(jobs)
+        errors: list[BaseException] = []
+        done = [0]
+        lock = threading.Lock()
+
+        def run(ep: Endpoint) -> None:
+            while not errors:
+                try:
+                    j, (adapter, _key, reqs) = work.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    results[j] = self._job(ep, adapter, reqs)
+                except BaseException as e:  # first error wins; the other threads stop taking work
+                    errors.append(e)
+                    return
+                with lock:
+                    done[0] += 1
+                    if on_progress:
+                        on_progress(done[0])
+
+        threads = [threading.Thread(target=run, args=(ep,), daemon=True)
+                   for ep in self.endpoints for _ in range(self.per_endpoint)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout_s)
+            if t.is_alive():
+                errors.append(EvaluatorCrashed(f"endpoints did not finish scoring within {timeout_s:.0f}s"))
+                break
+        if errors:
+            raise errors[0]
+        return results, {}
+
+    def close(self) -> None:
+        pass  # the servers belong to the user

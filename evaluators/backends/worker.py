@@ -1,0 +1,312 @@
+"""The evaluator worker: `python -m evaluators.backends.worker '<json config>'`, spawned by `ManagedBackend`.
+
+Owns one offline `vllm.LLM` and answers protocol requests for lists of individuals (PEFT folders or None = base).
+Two scoring paths:
+- swap (CPU default): per individual, build W + ΔW for the LoRA-targeted weights (float32) and push them into the
+  live engine with the worker's `reload_weights`; then all of that individual's requests run as one batch at base
+  speed. vLLM's CPU LoRA kernels cost ~10x the base model, a 30-layer swap costs tens of milliseconds.
+- lora (CUDA default): every individual a `LoRARequest`, all requests of all individuals in flight together.
+
+Wire protocol (JSON lines). Commands arrive on stdin; replies go to the process's original stdout, which we keep
+for ourselves: fd 1 is pointed at stderr so that library prints and vLLM logs can never corrupt the protocol.
+  -> {"op": "score", "id": k, "mode": "swap"|"lora", "jobs": [{"adapter": path|null, "requests": [...]}, ...]}
+  <- {"id": k, "progress": j}                          after each individual (swap mode)
+  <- {"id": k, "ok": true, "results": [[response, ...], ...], "timing": {...}}
+  <- {"id": k, "ok": false, "error": "...", "error_type": "UserError"|"internal"}
+  -> {"op": "ping", "id": k} / {"op": "shutdown"}
+  <- {"hb": t} every few seconds from a thread (liveness); {"ready": {...}} once the engine is up;
+     {"fatal": "..."} if the engine cannot start.
+This module never imports JAX.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+
+from evaluators.backends.peft_folder import delta_weights
+from evaluators.errors import UserError
+from evaluators.protocol import ChoiceRequest, ChoiceResponse, GenerateRequest, GenerateResponse, from_json, to_json
+
+
+class Channel:
+    """Thread-safe JSON-lines writer on a private fd, plus a heartbeat thread and a parent-death watchdog."""
+
+    def __init__(self, fd: int, heartbeat_s: float):
+        self._f = os.fdopen(fd, "w", buffering=1)
+        self._lock = threading.Lock()
+        self._ppid = os.getppid()
+        threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True).start()
+
+    def send(self, msg: dict) -> None:
+        line = json.dumps(msg, allow_nan=True)
+        with self._lock:
+            self._f.write(line + "\n")
+            self._f.flush()
+
+    def _beat(self, every: float) -> None:
+        while True:
+            if os.getppid() != self._ppid:  # the engine died: nobody will ever read our answers
+                os._exit(3)
+            try:
+                self.send({"hb": time.time()})
+            except (BrokenPipeError, OSError, ValueError):
+                os._exit(3)
+            time.sleep(every)
+
+
+class Engine:
+    """One vLLM engine and the bookkeeping of which individual's weights it currently holds."""
+
+    def __init__(self, cfg: dict):
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.cfg = cfg
+        self.platform = "cpu" if current_platform.is_cpu() else ("cuda" if current_platform.is_cuda() else "other")
+        mode = cfg.get("mode", "auto")
+        self.default_mode = mode if mode != "auto" else ("swap" if self.platform == "cpu" else "lora")
+        self.lora_enabled = self.default_mode == "lora" or bool(cfg.get("enable_lora"))
+        dtype = cfg.get("dtype") or "auto"
+        if dtype == "auto" and self.default_mode == "swap":
+            # bf16 cannot hold W + ΔW: a change below |W| * 2^-9 rounds away (8-bit mantissa), and a mutated
+            # child's ΔW is mostly that small. float32 keeps ΔW to ~1e-7 relative.
+            dtype = "float32"
+        kwargs = dict(
+            model=cfg["model"],
+            dtype=dtype,
+            enforce_eager=True,
+            trust_remote_code=False,
+            seed=int(cfg.get("seed", 0)),
+            enable_prefix_caching=bool(cfg.get("prefix_caching", True)),
+        )
+        for key in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization"):
+            if cfg.get(key) is not None:
+                kwargs[key] = cfg[key]
+        if self.lora_enabled:
+            kwargs.update(
+                enable_lora=True,
+                max_lora_rank=int(cfg.get("max_lora_rank", 16)),
+                max_loras=int(cfg.get("max_loras", 8)),
+                max_cpu_loras=max(int(cfg.get("max_loras", 8)), int(cfg.get("max_cpu_loras") or 0)),
+            )
+        self.llm = LLM(**kwargs)
+        self.dtype = str(self.llm.llm_engine.model_config.dtype).replace("torch.", "")
+        self.tok = self.llm.get_tokenizer()
+        self._base = None  # BaseWeights, read on the first swap
+        self._dirty: set[str] = set()  # weight names that hold W + ΔW of `self._current`
+        self._current: str | None = None  # content key of the adapter whose ΔW the engine holds
+        self._next_lora_id = 1
+        self._params_cache: dict = {}
+
+    def info(self) -> dict:
+        return {"platform": self.platform, "mode": self.default_mode, "dtype": self.dtype,
+                "lora_enabled": self.lora_enabled, "pid": os.getpid()}
+
+    # ---- weight swap -------------------------------------------------------------------------------------------
+    def swap_to(self, adapter: str | None, key: str | None = None) -> None:
+        """Make the engine hold W + ΔW of `adapter` (None: base W). `key` (content hash) skips a repeated swap."""
+        if (adapter is None and not self._dirty) or (key is not None and key == self._current):
+            return
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # small ops: OpenMP spin-waits cost 10-50x on a busy machine
+        try:
+            self._swap(adapter, key)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _swap(self, adapter: str | None, key: str | None) -> None:
+        from evaluators.backends.swap import BaseWeights, plan_push
+
+        if self._base is None:
+            self._base = BaseWeights(self.cfg["model"])
+        deltas = delta_weights(adapter) if adapter is not None else {}
+        try:
+            push, dirty = plan_push(deltas, self._dirty, self._base)
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{adapter}: {e} (adapter for a different base model?)") from None
+        if push:
+            self._current = None  # a failure midway leaves unknown weights: force a full restore next time
+            self._dirty = self._dirty | dirty
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": push, "is_checkpoint_format": True}
+            )
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the previous weights
+        self._dirty, self._current = dirty, (key if adapter is not None else None)
+
+    # ---- requests -> vLLM inputs ----------------------------------------------------------------------------------
+    def _sampling(self, **kw):
+        from vllm import SamplingParams
+
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))
+        p = self._params_cache.get(key)
+        if p is None:
+            p = self._params_cache[key] = SamplingParams(**kw)
+        return p
+
+    def build(self, requests: list) -> tuple[list, list, list]:
+        """Flatten requests into vLLM prompts + params; `plan` says how to read each request's answer back.
+
+        Choice options are tokenised apart from the prompt (prompt ids + option ids, no special tokens), the
+        convention of the OpenAI completions API and of evaluators.reference. Options that are one token each are
+        scored from a single forward of the prompt with `logprob_token_ids` (exact log-softmax values for exactly
+        those ids, top-k or not); longer options get one prompt+option sequence each, read from prompt_logprobs.
+        """
+        prompts, params, plan = [], [], []
+        for r in requests:
+            if isinstance(r, ChoiceRequest):
+                pids = self.tok.encode(r.prompt)
+                oids = [self.tok.encode(o, add_special_tokens=False) for o in r.options]
+                for o, ids in zip(r.options, oids):
+                    if not ids:
+                        raise UserError(f"choice option {o!r} is empty after tokenisation")
+                if all(len(ids) == 1 for ids in oids):
+                    uniq = sorted({ids[0] for ids in oids})
+                    plan.append(("choice1", len(prompts), [ids[0] for ids in oids]))
+                    prompts.append({"prompt_token_ids": pids})
+                    params.append(self._sampling(max_tokens=1, temperature=0.0, logprob_token_ids=uniq,
+                                                 detokenize=False))
+                else:
+                    plan.append(("choiceN", len(prompts), [(len(pids), ids) for ids in oids]))
+                    for ids in oids:
+                        prompts.append({"prompt_token_ids": pids + ids})
+                        params.append(self._sampling(max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                                                     detokenize=False))
+            elif isinstance(r, GenerateRequest):
+                plan.append(("gen", len(prompts), None))
+                prompts.append(r.prompt)
+                params.append(self._sampling(max_tokens=int(r.max_tokens), temperature=float(r.temperature),
+                                             seed=r.seed, stop=list(r.stop) or None))
+            else:
+                raise UserError(f"unknown request type {type(r).__name__}")
+        return prompts, params, plan
+
+    @staticmethod
+    def read(outputs: list, plan: list) -> list:
+        res = []
+        for kind, i, extra in plan:
+            if kind == "gen":
+                res.append(GenerateResponse(outputs[i].outputs[0].text))
+            elif kind == "choice1":
+                lp = outputs[i].outputs[0].logprobs[0]
+                res.append(ChoiceResponse(tuple(float(lp[t].logprob) for t in extra)))
+            else:
+                vals = []
+                for j, (start, ids) in enumerate(extra):
+                    plp = outputs[i + j].prompt_logprobs
+                    vals.append(float(sum(plp[start + k][t].logprob for k, t in enumerate(ids))))
+                res.append(ChoiceResponse(tuple(vals)))
+        return res
+
+    # ---- scoring ----------------------------------------------------------------------------------------------------
+    def score(self, jobs: list[dict], mode: str, progress) -> tuple[list, dict]:
+        mode = mode or self.default_mode
+        timing = {"swap_s": 0.0, "generate_s": 0.0, "lora_load_s": 0.0, "per_job": []}
+        if mode == "swap":
+            results = []
+            for j, job in enumerate(jobs):
+                reqs = [from_json(r) for r in job["requests"]]
+                t0 = time.perf_counter()
+                self.swap_to(job["adapter"], job.get("key"))
+                t1 = time.perf_counter()
+                prompts, params, plan = self.build(reqs)
+                outs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+                t2 = time.perf_counter()
+                timing["swap_s"] += t1 - t0
+                timing["generate_s"] += t2 - t1
+                timing["per_job"].append({"swap_s": t1 - t0, "generate_s": t2 - t1})
+                results.append(self.read(outs, plan))
+                progress(j + 1)
+            return results, timing
+        if mode != "lora":
+            raise UserError(f"unknown eval mode {mode!r} (swap or lora)")
+        if not self.lora_enabled:
+            raise UserError("this evaluator was started without LoRA support; start it with --eval_mode lora")
+        from vllm.lora.request import LoRARequest
+
+        self.swap_to(None)  # restore base weights if a swap left some behind
+        prompts, params, loras, spans = [], [], [], []
+        ids = []
+        t0 = time.perf_counter()
+        for job in jobs:
+            reqs = [from_json(r) for r in job["requests"]]
+            p, s, plan = self.build(reqs)
+            lr = None
+            if job["adapter"] is not None:
+                lid = self._next_lora_id  # fresh id per call: a reused tmpfs path may hold new weights
+                self._next_lora_id += 1
+                lr = LoRARequest(f"ind{lid}", lid, job["adapter"])
+                ids.append(lid)
+                if job.get("preload", False):
+                    self.llm.llm_engine.add_lora(lr)
+            spans.append((len(prompts), plan))
+            prompts += p
+            params += s
+            loras += [lr] * len(p)
+        t1 = time.perf_counter()
+        try:
+            outs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False) if prompts else []
+        finally:
+            for lid in ids:  # unload: these individuals are done
+                self.llm.llm_engine.remove_lora(lid)
+        timing["lora_load_s"] += t1 - t0
+        timing["generate_s"] += time.perf_counter() - t1
+        results = []
+        for start, plan in spans:
+            results.append(self.read(outs[start:], plan))
+        progress(len(jobs))
+        return results, timing
+
+
+def serve(engine: Engine, chan: Channel, stdin) -> None:
+    for line in stdin:
+        line = line.strip()
+        if not line:
+            continue
+        msg = json.loads(line)
+        op, mid = msg.get("op"), msg.get("id")
+        if op == "shutdown":
+            chan.send({"id": mid, "ok": True})
+            return
+        if op == "ping":
+            chan.send({"id": mid, "ok": True, "info": engine.info()})
+            continue
+        if op != "score":
+            chan.send({"id": mid, "ok": False, "error": f"unknown op {op!r}", "error_type": "internal"})
+            continue
+        try:
+            results, timing = engine.score(msg["jobs"], msg.get("mode"),
+                                           lambda j: chan.send({"id": mid, "progress": j}))
+            chan.send({"id": mid, "ok": True, "timing": timing,
+                       "results": [[to_json(r) for r in rs] for rs in results]})
+        except UserError as e:
+            chan.send({"id": mid, "ok": False, "error": str(e), "error_type": "UserError"})
+        except Exception as e:  # keep serving: the engine decides whether to go on
+            traceback.print_exc()
+            chan.send({"id": mid, "ok": False, "error": f"{type(e).__name__}: {e}", "error_type": "internal"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = json.loads(argv[0])
+    proto_fd = os.dup(1)
+    os.dup2(2, 1)  # from here on, anything printed lands in the log, not in the protocol
+    chan = Channel(proto_fd, float(cfg.get("heartbeat_s", 2.0)))
+    try:
+        engine = Engine(cfg)
+    except Exception as e:
+        traceback.print_exc()
+        chan.send({"fatal": f"{type(e).__name__}: {e}"})
+        return 1
+    chan.send({"ready": engine.info()})
+    serve(engine, chan, sys.stdin)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The built-in tasks (multiple choice, GSM8K, NLGraph, DROP) and tasks built from a file path."""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from evaluators.errors import UserError
+from evaluators.protocol import ChoiceRequest, ChoiceResponse, GenerateRequest, GenerateResponse, Request, Response
+from evaluators.tasks import extraction as ex
+from evaluators.tasks import metrics as M
+from evaluators.tasks.base import (CHOICE_LOGPROB, EXACT_MATCH, FREE_ANSWER, GENERATE, MULTIPLE_CHOICE, Item, Task,
+                                   TaskResult, register_task)
+from evaluators.tasks.loading import infer_kind, load_split, read_task_file, task_file
+from evaluators.tasks.prompts import MC_REPLY_INSTRUCTION, multiple_choice_body
+
+
+class FileTask(Task):
+    """A task whose items come from a JSON file in the shared format (data_dir/<name>.json, or an explicit path)."""
+
+    def __init__(self, *, path: str | os.PathLike | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.path = os.path.expanduser(os.fspath(path)) if path is not None else task_file(self.name, self.data_dir)
+
+    def load_data(self, split: str) -> list[Item]:
+        return load_split(self.path, split, self.kind)
+
+    def _generate_requests(self, items: Sequence[Item], user_messages: Sequence[str]) -> list[Request]:
+        return [GenerateRequest(prompt=self.format(msg), **self.generation_kwargs(i))
+                for i, msg in enumerate(user_messages)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, mode={self.mode!r}, path={self.path!r})"
+
+
+# ------------------------------------------------------------------------------------------ multiple choice
+class MultipleChoiceTask(FileTask):
+    """Items {question, choices {label: text}, answer label}.
+
+    choice_logprob: one ChoiceRequest per item; options are " A", " B", ... after a prompt that lists the choices
+      and ends with "Answer:"; the prediction is the option with the highest log-probability (ties: first label).
+      `logprob_chat` says whether that prompt goes through the chat template (user message = the question block +
+      the reply instruction, then "Answer:" right after the assistant header) or is plain text.
+    generate: the chat prompt asks for the letter; extraction.extract_choice finds it in the reply.
+    """
+
+    kind = MULTIPLE_CHOICE
+    modes = (CHOICE_LOGPROB, GENERATE)
+    default_mode = CHOICE_LOGPROB
+    default_max_tokens = 32
+    instruction = ""  # optional first line of the prompt
+    # Decided by measurement (docs/TASKS.md, "Choice of prompt for choice_logprob"): plain text scored better on
+    # SmolLM2-135M-Instruct for mmlu and arc_c.
+    logprob_chat = False
+
+    def body(self, item: Item) -> str:
+        return multiple_choice_body(item["question"], item["choices"], self.instruction)
+
+    def choice_prompt(self, item: Item) -> str:
+        if self.logprob_chat:
+            return self.format(f"{self.body(item)}\n{MC_REPLY_INSTRUCTION}") + "Answer:"
+        return f"{self.body(item)}\nAnswer:"
+
+    def build_requests(self, items: Sequence[Item], mode: str | None = None) -> list[Request]:
+        mode = self.check_mode(mode)
+        if mode == CHOICE_LOGPROB:
+            return [ChoiceRequest(prompt=self.choice_prompt(it), options=tuple(f" {lab}" for lab in it["choices"]))
+                    for it in items]
+        return self._generate_requests(items, [f"{self.body(it)}\n{MC_REPLY_INSTRUCTION}" for it in items])
+
+    def score(self, items: Sequence[Item], responses: Sequence[Response], mode: str | None = None) -> TaskResult:
+        mode = self.check_mode(mode)
+        labels = [tuple(it["choices"]) for it in items]
+        golds = [it["answer"] for it in items]
+        if mode == CHOICE_LOGPROB:
+            self.check_responses(items, responses, ChoiceResponse)
+            probs, preds = [], []
+            for labs, r in zip(labels, responses):
+                if len(r.logprobs) != len(labs):
+                    raise ValueError(f"{self.name}: {len(r.logprobs)} option log-probs for {len(labs)} options")
+                probs.append(M.softmax(r.logprobs))
+                preds.append(labs[M.argmax(r.logprobs)])
+            correct = [float(p == g) for p, g in zip(preds, golds)]
+            return self.make_result(items, mode=mode, predictions=preds, per_sample=correct, references=golds,
+                                    option_probs=probs, options=labels)
+        self.check_responses(items, responses, GenerateResponse)
+        texts = [r.text for r in responses]
+        preds = [ex.extract_choice(t, labs, list(it["choices"].values())) for t, labs, it in zip(texts, labels, items)]
+        correct = [float(p == g) for p, g in zip(preds, golds)]
+        return self.make_result(items, mode=mode, predictions=preds, per_sample=correct, references=golds,
+                                options=labels, raw=texts)
+
+
+@register_task("mmlu")
+class MMLU(MultipleChoiceTask):
+    pass
+
+
+@register_task("arc_c")
+class ARCChallenge(MultipleChoiceTask):
+    pass
+
+
+@register_task("medmcqa")
+class MedMCQA(MultipleChoiceTask):
+    pass
+
+
+@register_task("truthfulqa")
+class TruthfulQA(MultipleChoiceTask):
+    pass
+
+
+@register_task("hellaswag")
+class HellaSwag(MultipleChoiceTask):
+    instruction = "Pick the most plausible continuation of the text."
+
+
+# --------------------------------------------------------------------------------------------- exact match
+class ExactMatchTask(FileTask):
+    """Items {question, answer}. generate only: the reply's answer (extraction.extract_free_answer) is compared
+    with the gold answer after metrics.normalize_short (numbers by value, text case- and punctuation-insensitive)."""
+
+    kind = EXACT_MATCH
+    modes = (GENERATE,)
+    default_mode = GENERATE
+    default_max_tokens = 32
+    reply_instruction = "Give only the final answer."
+
+    def user_message(self, item: Item) -> str:
+        return f"{item['question'].strip()}\n{self.reply_instruction}" if self.reply_instruction else item["question"]
+
+    def extract(self, item: Item, text: str) -> str:
+        """Canonical prediction from a reply."""
+        return M.normalize_short(ex.extract_free_answer(text))
+
+    def is_correct(self, item: Item, prediction: str) -> bool:
+        return prediction != "" and prediction == M.normalize_short(item["answer"])
+
+    def build_requests(self, items: Sequence[Item], mode: str | None = None) -> list[Request]:
+        self.check_mode(mode)
+        return self._generate_requests(items, [self.user_message(it) for it in items])
+
+    def score(self, items: Sequence[Item], responses: Sequence[Response], mode: str | None = None) -> TaskResult:
+        mode = self.check_mode(mode)
+        self.check_responses(items, responses, GenerateResponse)
+        texts = [r.text for r in responses]
+        preds = [self.extract(it, t) for it, t in zip(items, texts)]
+        correct = [float(self.is_correct(it, p)) for it, p in zip(items, preds)]
+        return self.make_result(items, mode=mode, predictions=preds, per_sample=correct,
+                                references=[it["answer"] for it in items], raw=texts)
+
+
+@register_task("gsm8k")
+class GSM8K(ExactMatchTask):
+    """Grade-school math: the last stated number (extraction.extract_number) must equal the gold number."""
+
+    default_max_tokens = 256
+    reply_instruction = "Solve the problem step by step. End with a line of the form 'The answer is N'."
+
+    def extract(self, item: Item, text: str) -> str:
+        return ex.extract_number(text)
+
+    def is_correct(self, item: Item, prediction: str) -> bool:
+        return M.numeric_match(prediction, item["answer"])
+
+
+@register_task("nlgraph")
+class NLGraph(ExactMatchTask):
+    """Graph reasoning. The question already ends with its answer instruction. connectivity items (gold Yes/No):
+    extraction.extract_yes_no; shortest_path items (gold a number): extraction.extract_path_length."""
+
+    default_max_tokens = 64
+    reply_instruction = ""
+
+    @staticmethod
+    def domain(item: Item) -> str:
+        d = item.get("domain")
+        if d in ("connectivity", "shortest_path"):
+            return d
+        return "connectivity" if item["answer"].strip().lower() in ("yes", "no") else "shortest_path"
+
+    def extract(self, item: Item, text: str) -> str:
+        if self.domain(item) == "connectivity":
+            return M.normalize_short(ex.extract_yes_no(text))
+        return ex.extract_path_length(text)
+
+
+# ------------------------------------------------------------------------------------ free answer (DROP)
+class FreeAnswerTask(FileTask):
+    """Items {question, answers [accepted strings], passage (optional)}. generate only; the reply's answer
+    (extraction.extract_free_answer) is normalised (metrics.normalize_answer) and scored with exact match and token
+    F1 against the best accepted answer. The fitness score is the mean F1 (EM is reported as a metric)."""
+
+    kind = FREE_ANSWER
+    modes = (GENERATE,)
+    default_mode = GENERATE
+    default_max_tokens = 32
+    reply_instruction = "Answer with a short span from the passage or a number, nothing else."
+
+    def user_message(self, item: Item) -> str:
+        passage = f"Passage: {item['passage'].strip()}\n" if item.get("passage") else ""
+        return f"{passage}Question: {item['question'].strip()}\n{self.reply_instruction}"
+
+    def build_requests(self, items: Sequence[Item], mode: str | None = None) -> list[Request]:
+        self.check_mode(mode)
+        return self._generate_requests(items, [self.user_message(it) for it in items])
+
+    def score(self, items: Sequence[Item], responses: Sequence[Response], mode: str | None = None) -> TaskResult:
+        mode = self.check_mode(mode)
+        self.check_responses(items, responses, GenerateResponse)
+        texts = [r.text for r in responses]
+        preds = [M.normalize_answer(ex.extract_free_answer(t)) for t in texts]
+        em = [M.exact_match(p, it["answers"]) if p else 0.0 for p, it in zip(preds, items)]
+        f1 = [M.max_f1(p, it["answers"]) if p else 0.0 for p, it in zip(preds, items)]
+        n = len(items)
+        metrics = {"f1": sum(f1) / n, "em": sum(em) / n}
+        return self.make_result(items, mode=mode, predictions=preds, per_sample=f1, metrics=metrics,
+                                references=[it["answers"][0] for it in items], raw=texts)
+
+
+@register_task("drop")
+class DROP(FreeAnswerTask):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------- by path
+_BY_KIND = {MULTIPLE_CHOICE: MultipleChoiceTask, EXACT_MATCH: ExactMatchTask, FREE_ANSWER: FreeAnswerTask}
+
+
+def task_from_file(path: str, **kwargs: Any) -> Task:
+    """A task for any file in the shared format; the kind is inferred from its items, the name is the file stem."""
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise UserError(f"task file not found: {path}")
+    kwargs.pop("data_dir", None)  # an explicit path wins over data_dir
+    kind = infer_kind(read_task_file(path), path)
+    name = os.path.splitext(os.path.basename(path))[0]
+    cls = type(f"FileTask_{kind}", (_BY_KIND[kind],), {"name": name})
+    return cls(path=path, **kwargs)

@@ -1,0 +1,203 @@
+"""JAX scoring backend for multiple-choice (`choice_logprob`) requests: every individual of a population on N
+requests in jitted, batched forward passes, no PEFT export.
+
+A request is anything with `.prompt: str` and `.options: tuple[str, ...]` (evaluators.protocol.ChoiceRequest;
+genome_jax never imports evaluators, so the types are duck-typed and `to_responses` takes the response class).
+
+Tokenisation is the vLLM backend's (evaluators/backends/worker.py) and the OpenAI completions convention:
+prompt ids = encode(prompt) (the tokenizer's default special tokens), option ids = encode(option) without special
+tokens, scored as prompt ids + option ids; an option's log-probability is the sum of its tokens' log-probs given
+everything before them. When every option of a request is exactly one token (" A", " B", ...), the request costs
+one sequence (all options are read off the same next-token distribution); otherwise each option gets its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genome_jax.errors import UserError
+from genome_jax.models import llama
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """Host-side token layout of N requests.
+
+    seqs[s]: token ids of sequence s (unpadded).
+    targets[s]: list of (position, token_id, slot): log p(token_id | seq[:position+1]) adds to slot,
+      slot = n * n_options_max + j (request n, option j).
+    """
+
+    seqs: list[list[int]]
+    targets: list[list[tuple[int, int, int]]]
+    n_requests: int
+    n_options: tuple[int, ...]  # per request
+
+    @property
+    def n_options_max(self) -> int:
+        return max(self.n_options, default=0)
+
+
+def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def encode_requests(requests: Sequence[Any], tokenizer: Any) -> Encoded:
+    """Tokenise choice requests into scoring sequences (see the module docstring)."""
+    if not requests:
+        raise UserError("no requests to score")
+    n_max = max(len(r.options) for r in requests)
+    seqs, targets, n_opts = [], [], []
+    for n, req in enumerate(requests):
+        if not req.options:
+            raise UserError(f"request {n} has no options")
+        ctx = _encode(tokenizer, req.prompt, True)
+        if not ctx:
+            raise UserError(f"request {n}: empty prompt")
+        conts = [_encode(tokenizer, o, False) for o in req.options]
+        for o, cont in zip(req.options, conts):
+            if not cont:
+                raise UserError(f"request {n}: option {o!r} encodes to no tokens")
+        n_opts.append(len(req.options))
+        if all(len(c) == 1 for c in conts):
+            seqs.append(ctx)
+            targets.append([(len(ctx) - 1, cont[0], n * n_max + j) for j, cont in enumerate(conts)])
+        else:
+            for j, cont in enumerate(conts):
+                seqs.append(ctx + cont)
+                targets.append([(len(ctx) - 1 + k, tok, n * n_max + j) for k, tok in enumerate(cont)])
+    return Encoded(seqs=seqs, targets=targets, n_requests=len(requests), n_options=tuple(n_opts))
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One padded device batch. tokens: (B, T); gather_b, gather_t, gather_tok: (M,) int32; slot: (M,) int64 with
+    -1 for padding entries."""
+
+    tokens: np.ndarray
+    gather_b: np.ndarray
+    gather_t: np.ndarray
+    gather_tok: np.ndarray
+    slot: np.ndarray
+
+
+def _bucket(n: int, step: int) -> int:
+    return max(step, int(math.ceil(n / step)) * step)
+
+
+def make_batches(enc: Encoded, *, batch_size: int, bucket: int, pad_id: int = 0) -> list[Batch]:
+    """Sort sequences by length, cut into batches of `batch_size`, pad lengths up to a multiple of `bucket` and
+    target lists up to a power of two, so only a few shapes ever get compiled."""
+    order = sorted(range(len(enc.seqs)), key=lambda s: len(enc.seqs[s]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        t = _bucket(max(len(enc.seqs[s]) for s in idx), bucket)
+        tokens = np.full((batch_size, t), pad_id, np.int32)
+        gb, gt, gtok, slot = [], [], [], []
+        for b, s in enumerate(idx):
+            tokens[b, : len(enc.seqs[s])] = enc.seqs[s]
+            for pos, tok, sl in enc.targets[s]:
+                gb.append(b), gt.append(pos), gtok.append(tok), slot.append(sl)
+        m = 1 << max(0, (len(slot) - 1).bit_length())
+        pad = m - len(slot)
+        batches.append(Batch(
+            tokens=tokens,
+            gather_b=np.asarray(gb + [0] * pad, np.int32),
+            gather_t=np.asarray(gt + [0] * pad, np.int32),
+            gather_tok=np.asarray(gtok + [0] * pad, np.int32),
+            slot=np.asarray(slot + [-1] * pad, np.int64),
+        ))
+    return batches
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def token_logprobs(params, lora, tokens, gather_b, gather_t, gather_tok, *, config: llama.LlamaConfig):
+    """log p(gather_tok[m] | tokens[gather_b[m], :gather_t[m]+1]) for each individual.
+
+    tokens: (B, T); gather_*: (M,); lora: `llama.stack_lora` output for P individuals, or None -> (P, M) (P = 1
+    without LoRA). Only the M gathered positions go through the (V, D) output projection."""
+    h = llama.hidden_states(params, tokens, config=config, lora=lora)
+    if not lora:
+        h = h[None]
+    h = h[:, gather_b, gather_t]  # (P, M, D)
+    logp = jax.nn.log_softmax(llama.logits_from_hidden(params, h), axis=-1)  # (P, M, V)
+    return jnp.take_along_axis(logp, gather_tok[None, :, None], axis=-1)[..., 0]
+
+
+def score_encoded(params, config: llama.LlamaConfig, factors: dict | None, enc: Encoded, *, batch_size: int = 8,
+                  bucket: int = 32, pad_id: int = 0, progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Option log-probs (P, N, n_options_max) of P individuals (factors: Contract 1 dict, or None = base model,
+    P = 1); NaN where a request has fewer options."""
+    lora = llama.stack_lora(factors, config) if factors else None
+    n_pop = 1 if lora is None else next(iter(lora.values()))["A"].shape[1]
+    j_max = enc.n_options_max
+    out = np.zeros((n_pop, enc.n_requests * j_max), np.float64)
+    for batch in make_batches(enc, batch_size=batch_size, bucket=bucket, pad_id=pad_id):
+        lp = np.asarray(token_logprobs(params, lora, batch.tokens, batch.gather_b, batch.gather_t, batch.gather_tok,
+                                       config=config), np.float64)
+        keep = batch.slot >= 0
+        np.add.at(out, (slice(None), batch.slot[keep]), lp[:, keep])
+        if progress is not None:
+            progress(int(keep.sum()))
+    out = out.reshape(n_pop, enc.n_requests, j_max)
+    for n, k in enumerate(enc.n_options):
+        out[:, n, k:] = np.nan
+    return out
+
+
+def score_population(params, config: llama.LlamaConfig, factors: dict | None, requests: Sequence[Any], tokenizer: Any,
+                     *, batch_size: int = 8, bucket: int = 32) -> np.ndarray:
+    """Log-probabilities (P, N, n_options_max) of every option of every request for every individual.
+
+    params/config: `llama.load_params`; factors: Population.factors ({module_path: {"A": (P, r, d_in),
+    "B": (P, d_out, r)}}, scale folded into B) or None for the base model alone (P = 1)."""
+    enc = encode_requests(requests, tokenizer)
+    return score_encoded(params, config, factors, enc, batch_size=batch_size, bucket=bucket,
+                         pad_id=_pad_id(tokenizer))
+
+
+def to_responses(logprobs: np.ndarray, requests: Sequence[Any], response_cls: Callable[..., Any]) -> list[list[Any]]:
+    """(P, N, J) log-probs -> per individual, one response_cls(logprobs=tuple) per request (e.g. ChoiceResponse)."""
+    return [[response_cls(logprobs=tuple(float(x) for x in logprobs[p, n, : len(r.options)]))
+             for n, r in enumerate(requests)] for p in range(logprobs.shape[0])]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pid = getattr(tokenizer, "pad_token_id", None)
+    return int(pid) if pid is not None else 0
+
+
+class JaxScorer:
+    """Loads the model once and scores populations of adapters on choice requests (the `--backend jax` path).
+
+    scorer = JaxScorer(model_path)
+    logprobs = scorer.score(population.factors, requests)        # (P, N, J)
+    responses = scorer.responses(population.factors, requests, ChoiceResponse)   # [P][N]
+    """
+
+    def __init__(self, model_path: str | os.PathLike, *, dtype: Any = jnp.float32, batch_size: int = 8,
+                 bucket: int = 32):
+        from transformers import AutoTokenizer
+
+        self.model_path = os.fspath(model_path)
+        self.config, self.params = llama.load_params(self.model_path, dtype=dtype)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load a tokenizer from {self.model_path}: {e}") from None
+        self.batch_size, self.bucket = batch_size, bucket
+
+    def score(self, factors: dict | None, requests: Sequence[Any]) -> np.ndarray:
+        return score_population(self.params, self.config, factors, requests, self.tokenizer,
+                                batch_size=self.batch_size, bucket=self.bucket)
+
+    def responses(self, factors: dict | None, requests: Sequence[Any], response_cls: Callable[..., Any]):
+        return to_responses(self.score(factors, requests), requests, response_cls)

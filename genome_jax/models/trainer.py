@@ -1,0 +1,494 @@
+"""Train LoRA experts with optax: one adapter per task file, loss on the answer tokens only.
+
+For a multiple-choice task an example is the task's own `choice_logprob` prompt (the text the scorers see) followed
+by the gold option (" B"); for a generate task it is the task's chat prompt followed by the reference answer
+("The answer is 42." for GSM8K) and the end-of-turn token. Examples are packed into fixed-shape rows (segment ids keep
+them apart; positions restart per example), so the jitted train step compiles once per recipe.
+
+    examples = task_examples(get_task("mmlu", formatter=model_path), "test", tokenizer)
+    factors, losses = train_expert(key, params, config, examples, TrainConfig(steps=30))
+    # factors: Contract 1 ({module_path: {"A": (1, r, d_in), "B": (1, d_out, r)}}, scale folded into B)
+
+`ensure_demo_experts(model_path)` trains (or reuses) the demo's expert pool under
+~/.cache/genome-jax/experts/<recipe hash>/ (docs/EXPERTS.md holds the recipe).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from genome_jax.errors import UserError
+from genome_jax.models import llama
+
+SPLITS = ("dev", "test")
+
+
+# --------------------------------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Static recipe of one expert (every field enters the recipe hash).
+
+    The defaults fit this 2-core CPU: rows of 256 tokens, 4 rows per step (several short prompts packed per row).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0  # LoRA scale alpha / rank while training; folded into B on export
+    targets: tuple[str, ...] = llama.LORA_MODULES
+    steps: int = 30
+    lr: float = 2e-3
+    warmup_steps: int = 3
+    end_lr_ratio: float = 0.1  # cosine decays to lr * end_lr_ratio
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_rows: int = 4
+    seq_len: int = 256  # row length; longer examples are skipped
+    max_targets: int = 32  # answer tokens per row (loss positions)
+    seed: int = 0
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise UserError(f"rank must be >= 1, got {self.rank}")
+        if self.steps < 1:
+            raise UserError(f"steps must be >= 1, got {self.steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise UserError(f"warmup_steps must be in [0, steps), got {self.warmup_steps} for {self.steps} steps")
+        bad = [t for t in self.targets if t not in llama.LORA_MODULES]
+        if bad or not self.targets:
+            raise UserError(f"unknown target modules {bad or '(none)'} (choose from {', '.join(llama.LORA_MODULES)})")
+        if self.batch_rows < 1 or self.seq_len < 8 or self.max_targets < 1:
+            raise UserError("batch_rows >= 1, seq_len >= 8 and max_targets >= 1 are required")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSpec:
+    """NAME=TASK[:split]: train expert NAME on `split` (default test) of TASK (a registered name or a task file)."""
+
+    name: str
+    task: str
+    split: str = "test"
+
+    @classmethod
+    def parse(cls, text: str) -> "ExpertSpec":
+        if "=" not in text:
+            raise UserError(f"--experts entry {text!r}: expected NAME=TASKFILE[:split]")
+        name, rest = text.split("=", 1)
+        if not name or "/" in name or name.startswith("."):
+            raise UserError(f"--experts entry {text!r}: invalid expert name {name!r}")
+        split = "test"
+        head, sep, tail = rest.rpartition(":")
+        if sep and tail in SPLITS:
+            rest, split = head, tail
+        if not rest:
+            raise UserError(f"--experts entry {text!r}: no task given")
+        return cls(name=name, task=rest, split=split)
+
+
+# --------------------------------------------------------------------------------------------------- data
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """tokens: prompt + answer ids; the last n_target tokens are the answer (the loss is on them only)."""
+
+    tokens: tuple[int, ...]
+    n_target: int
+
+
+def answer_text(task: Any, item: dict) -> str:
+    """The reference reply a generate-mode expert is trained to give."""
+    if getattr(task, "name", "") == "gsm8k":
+        return f"The answer is {item['answer']}."
+    if "answers" in item:
+        return str(item["answers"][0])
+    return str(item["answer"])
+
+
+def task_examples(task: Any, split: str, tokenizer: Any, *, max_len: int | None = None) -> list[Example]:
+    """Training examples from a task's split, built from the task's own requests (the scorer's prompts).
+
+    ChoiceRequest: prompt ids + gold option ids (the option whose label is item["answer"]). GenerateRequest:
+    prompt ids + answer_text ids + EOS. Examples longer than max_len are dropped."""
+    items = task.load(split)
+    requests = task.build_requests(items, task.mode)
+    eos = tokenizer.eos_token_id
+    out = []
+    for item, req in zip(items, requests):
+        prompt = list(tokenizer(req.prompt)["input_ids"])
+        if hasattr(req, "options"):
+            labels = list(item["choices"])
+            if item["answer"] not in labels:
+                raise UserError(f"{task.name}: item {item.get('id', item.get('_index'))}: answer "
+                                f"{item['answer']!r} is not one of the choices {labels}")
+            answer = list(tokenizer(req.options[labels.index(item["answer"])], add_special_tokens=False)["input_ids"])
+        else:
+            answer = list(tokenizer(answer_text(task, item), add_special_tokens=False)["input_ids"])
+            if eos is not None:
+                answer.append(int(eos))
+        if max_len is None or len(prompt) + len(answer) <= max_len:
+            out.append(Example(tokens=tuple(prompt + answer), n_target=len(answer)))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Packed rows. tokens, positions, segments: (R, T) int32; tgt_row, tgt_pos, tgt_tok: (R*K,) int32 (the token
+    at tgt_pos + 1 = tgt_tok is predicted from position tgt_pos); tgt_w: (R*K,) float32 (0 = padding)."""
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    segments: np.ndarray
+    tgt_row: np.ndarray
+    tgt_pos: np.ndarray
+    tgt_tok: np.ndarray
+    tgt_w: np.ndarray
+
+    @property
+    def n_tokens(self) -> int:
+        return int((self.segments > 0).sum())
+
+
+def packed_batches(examples: Sequence[Example], cfg: TrainConfig, seed: int) -> Iterator[Batch]:
+    """Endless stream of packed batches: examples in a seeded shuffled order (reshuffled each epoch), placed in
+    order into rows of cfg.seq_len tokens (a row closes when the next example does not fit)."""
+    usable = [e for e in examples if len(e.tokens) <= cfg.seq_len and e.n_target <= cfg.max_targets]
+    if not usable:
+        raise UserError(f"no training example fits seq_len={cfg.seq_len}")
+    rng = np.random.RandomState(seed)
+    order: list[int] = []
+    r, t, k = cfg.batch_rows, cfg.seq_len, cfg.max_targets
+    while True:
+        tokens = np.zeros((r, t), np.int32)
+        positions = np.zeros((r, t), np.int32)
+        segments = np.zeros((r, t), np.int32)  # 0 = padding, 1.. = example within the row
+        tgt = np.zeros((4, r, k), np.int64)  # row, pos, tok, weight
+        for row in range(r):
+            used, n_tgt, seg = 0, 0, 0
+            while True:
+                if not order:
+                    order = list(rng.permutation(len(usable)))
+                ex = usable[order[0]]
+                n = len(ex.tokens)
+                if used + n > t or n_tgt + ex.n_target > k:
+                    if seg == 0:  # cannot happen: every usable example fits an empty row
+                        raise AssertionError("example does not fit an empty row")
+                    break
+                order.pop(0)
+                seg += 1
+                tokens[row, used : used + n] = ex.tokens
+                positions[row, used : used + n] = np.arange(n)
+                segments[row, used : used + n] = seg
+                for j in range(ex.n_target):
+                    tgt[:, row, n_tgt + j] = (row, used + n - ex.n_target - 1 + j, ex.tokens[n - ex.n_target + j], 1)
+                used += n
+                n_tgt += ex.n_target
+        yield Batch(tokens=tokens, positions=positions, segments=segments,
+                    tgt_row=tgt[0].reshape(-1).astype(np.int32), tgt_pos=tgt[1].reshape(-1).astype(np.int32),
+                    tgt_tok=tgt[2].reshape(-1).astype(np.int32), tgt_w=tgt[3].reshape(-1).astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------------- model side
+def init_lora(key: jax.Array, config: llama.LlamaConfig, cfg: TrainConfig) -> dict:
+    """Stacked factors of one adapter: {name: {"A": (L, 1, r, d_in), "B": (L, 1, d_out, r)}}; A ~ U(+-1/sqrt(d_in))
+    (PEFT's kaiming-uniform default), B = 0, so training starts exactly at the base model."""
+    out = {}
+    for name, k in zip(sorted(cfg.targets), jax.random.split(key, len(cfg.targets))):
+        d_out, d_in = config.module_shape(name)
+        bound = 1.0 / math.sqrt(d_in)
+        out[name] = {
+            "A": jax.random.uniform(k, (config.num_layers, 1, cfg.rank, d_in), jnp.float32, -bound, bound),
+            "B": jnp.zeros((config.num_layers, 1, d_out, cfg.rank), jnp.float32),
+        }
+    return out
+
+
+def scaled(lora: dict, scale: float) -> dict:
+    return {n: {"A": ab["A"], "B": ab["B"] * scale} for n, ab in lora.items()}
+
+
+def answer_loss(lora: dict, params: llama.Params, batch: dict, *, config: llama.LlamaConfig, cfg: TrainConfig):
+    """Mean cross-entropy of the answer tokens. batch: the arrays of a `Batch` (see its docstring)."""
+    h = llama.hidden_states(params, batch["tokens"], config=config, lora=scaled(lora, cfg.scale),
+                            positions=batch["positions"], segment_ids=batch["segments"], remat=cfg.remat)[0]
+    h = h[batch["tgt_row"], batch["tgt_pos"]]  # (R*K, D): only answer positions reach the output projection
+    logp = jax.nn.log_softmax(llama.logits_from_hidden(params, h), axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["tgt_tok"][:, None], axis=-1)[:, 0]
+    w = batch["tgt_w"]
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warmup + cosine decay, after global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.steps,
+        end_value=cfg.lr * cfg.end_lr_ratio)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                       optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "cfg"))
+def train_step(lora, opt_state, params, batch, *, config: llama.LlamaConfig, cfg: TrainConfig):
+    """One AdamW step on the LoRA factors (the base params are an input, never a compiled-in constant)."""
+    loss, grads = jax.value_and_grad(answer_loss)(lora, params, batch, config=config, cfg=cfg)
+    updates, opt_state = make_optimizer(cfg).update(grads, opt_state, lora)
+    return optax.apply_updates(lora, updates), opt_state, loss
+
+
+def _device_batch(b: Batch) -> dict:
+    return {f.name: jnp.asarray(getattr(b, f.name)) for f in dataclasses.fields(b)}
+
+
+def to_factors(lora: dict, config: llama.LlamaConfig, cfg: TrainConfig) -> dict:
+    """Trained stacked factors -> Contract 1 factors with the scale folded into B."""
+    return llama.unstack_lora(scaled(lora, cfg.scale), config)
+
+
+def train_expert(key: jax.Array, params: llama.Params, config: llama.LlamaConfig, examples: Sequence[Example],
+                 cfg: TrainConfig, *, on_step: Callable[[int, float, int], None] | None = None
+                 ) -> tuple[dict, list[float], dict]:
+    """Train one adapter. Returns (factors (P = 1, Contract 1), per-step losses, stats {tokens, seconds, ...}).
+
+    on_step(step, loss, tokens_in_step) is called after every step (progress bars, logs)."""
+    k_init, k_data = jax.random.split(key)
+    data_seed = int(jax.random.randint(k_data, (), 0, 2**31 - 1))
+    lora = init_lora(k_init, config, cfg)
+    opt_state = make_optimizer(cfg).init(lora)
+    batches = packed_batches(examples, cfg, data_seed)
+    losses, n_tokens, n_answer = [], 0, 0
+    t0 = time.perf_counter()
+    t_first = None
+    for step in range(cfg.steps):
+        b = next(batches)
+        lora, opt_state, loss = train_step(lora, opt_state, params, _device_batch(b), config=config, cfg=cfg)
+        loss = float(loss)  # syncs: the timing below is honest
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr")
+        if t_first is None:
+            t_first = time.perf_counter()
+        losses.append(loss)
+        n_tokens += b.n_tokens
+        n_answer += int(b.tgt_w.sum())
+        if on_step is not None:
+            on_step(step, loss, b.n_tokens)
+    seconds = time.perf_counter() - t0
+    stats = {"tokens": n_tokens, "answer_tokens": n_answer, "seconds": round(seconds, 2),
+             "first_step_s": round(t_first - t0, 2) if t_first else None}
+    return to_factors(lora, config, cfg), losses, stats
+
+
+# --------------------------------------------------------------------------------------------------- the pool
+def base_model_name(model_path: str | os.PathLike) -> str:
+    """What the adapters cite as base_model_name_or_path: the hf_id of our model manifest, else the folder."""
+    man = Path(model_path) / "manifest.json"
+    with contextlib.suppress(OSError, ValueError):
+        hf_id = json.loads(man.read_text()).get("hf_id")
+        if hf_id:
+            return str(hf_id)
+    return os.fspath(model_path)
+
+
+def _get_task(spec: ExpertSpec, model_path: str | os.PathLike):
+    # evaluators.tasks is a sibling package; the trainer uses it (lazily) so experts train on the scorer's prompts.
+    from evaluators.tasks.base import get_task
+
+    return get_task(spec.task, formatter=os.fspath(model_path))
+
+
+def held_out_split(split: str) -> str:
+    return "dev" if split == "test" else "test"
+
+
+def train_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], out_dir: str | os.PathLike,
+               cfg: TrainConfig, *, eval_n: int = 0, progress: bool = True, log: Callable[[str], None] | None = None
+               ) -> dict:
+    """Train one expert per spec and write out_dir/<name>/ (PEFT folders) + out_dir/train_log.json.
+
+    eval_n > 0: also score each expert and the base model on the first eval_n items of its task's other split
+    (choice_logprob tasks; the JAX scorer), recorded in the log. Returns the log dict."""
+    from transformers import AutoTokenizer
+
+    from genome_jax.population import Population, PopulationMeta, export_population
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    names = [e.name for e in experts]
+    if not experts:
+        raise UserError("no experts given")
+    if len(set(names)) != len(names):
+        raise UserError(f"expert names must be unique, got {names}")
+    out_dir = Path(out_dir)
+    tasks = [_get_task(e, model_path) for e in experts]  # fails fast on unknown tasks
+    config, params = llama.load_params(model_path, dtype=jnp.float32)
+    tokenizer = AutoTokenizer.from_pretrained(os.fspath(model_path), local_files_only=True)
+    factors_list, entries = [], []
+    key = jax.random.key(cfg.seed)
+    for i, (spec, task) in enumerate(zip(experts, tasks)):
+        examples = task_examples(task, spec.split, tokenizer, max_len=cfg.seq_len)
+        if not examples:
+            raise UserError(f"expert {spec.name}: no example of {spec.task}:{spec.split} fits seq_len={cfg.seq_len}")
+        bar = _bar(cfg.steps, f"expert {spec.name}", progress)
+        curve: list[float] = []
+
+        def on_step(step, loss, ntok, bar=bar, curve=curve):
+            curve.append(loss)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                bar.update(1)
+
+        factors, losses, stats = train_expert(jax.random.fold_in(key, i), params, config, examples, cfg,
+                                              on_step=on_step)
+        if bar is not None:
+            bar.close()
+        tok_s = stats["tokens"] / max(stats["seconds"], 1e-9)
+        log(f"expert {spec.name} ({spec.task}:{spec.split}, {len(examples)} examples): loss {_curve(losses)} "
+            f"| {stats['seconds']:.1f}s, {tok_s:.0f} tokens/s")
+        factors_list.append(factors)
+        entries.append({"name": spec.name, "task": spec.task, "split": spec.split, "examples": len(examples),
+                        "losses": [round(x, 5) for x in losses], **stats})
+    stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *factors_list)
+    pop = Population(factors=stacked, meta=PopulationMeta(
+        base_model=base_model_name(model_path), target_modules=tuple(sorted(cfg.targets)), rank=cfg.rank,
+        names=tuple(names)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    export_population(pop, out_dir)
+    result = {"model_path": os.fspath(model_path), "config": _cfg_json(cfg), "experts": entries}
+    if eval_n > 0:
+        result["eval"] = evaluate_experts(params, config, tokenizer, pop.factors, experts, tasks, eval_n, log=log)
+    _write_json_atomic(out_dir / "train_log.json", result)
+    return result
+
+
+def evaluate_experts(params, config, tokenizer, factors, experts, tasks, n: int, *, log) -> list[dict]:
+    """Accuracy of each expert and of the base model on n held-out items of the expert's own task."""
+    from genome_jax.models.scorer import score_population
+
+    out = []
+    for i, (spec, task) in enumerate(zip(experts, tasks)):
+        if "choice_logprob" not in getattr(task, "modes", ()):
+            log(f"expert {spec.name}: {spec.task} has no choice_logprob mode; not evaluated")
+            continue
+        split = held_out_split(spec.split)
+        items = task.load(split, n)
+        reqs = task.build_requests(items, "choice_logprob")
+        one = jax.tree.map(lambda x: x[i : i + 1], factors)
+        both = jax.tree.map(lambda x: jnp.concatenate([x, jnp.zeros_like(x)]), one)  # [expert, base (ΔW = 0)]
+        lp = score_population(params, config, both, reqs, tokenizer)
+        gold = np.array([list(it["choices"]).index(it["answer"]) for it in items])
+        acc = [float((np.nanargmax(lp[p], axis=-1) == gold).mean()) for p in range(2)]
+        changed = float((np.nanargmax(lp[0], -1) != np.nanargmax(lp[1], -1)).mean())
+        log(f"expert {spec.name}: {spec.task}:{split}[:{len(items)}] accuracy {acc[0]:.3f} vs base {acc[1]:.3f} "
+            f"({changed:.0%} of predictions changed)")
+        out.append({"name": spec.name, "task": spec.task, "split": split, "n": len(items), "expert_accuracy": acc[0],
+                    "base_accuracy": acc[1], "changed_predictions": changed})
+    return out
+
+
+def _curve(losses: Sequence[float], points: int = 6) -> str:
+    idx = sorted({round(i * (len(losses) - 1) / (points - 1)) for i in range(points)}) if len(losses) > 1 else [0]
+    return " -> ".join(f"{losses[i]:.3f}" for i in idx)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
+
+
+def _cfg_json(cfg: TrainConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["targets"] = list(cfg.targets)
+    return d
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------- demo pool
+# The demo's target is arc_c (its dev/test stay clean); experts come from four other task files, trained on their
+# test portions; their dev portions are the held-out checks.
+DEMO_TARGET = "arc_c"
+DEMO_EXPERTS: tuple[ExpertSpec, ...] = (
+    ExpertSpec("mmlu", "mmlu", "test"),
+    ExpertSpec("medmcqa", "medmcqa", "test"),
+    ExpertSpec("truthfulqa", "truthfulqa", "test"),
+    ExpertSpec("hellaswag", "hellaswag", "test"),
+)
+DEMO_CONFIG = TrainConfig()
+
+
+def recipe_hash(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], cfg: TrainConfig) -> str:
+    """Identity of a pool: the model's weights (manifest sha or file size+mtime), the expert specs, the task file
+    contents, the config and the trainer version."""
+    h = hashlib.sha256(b"genome-experts-v1\n")
+    man = Path(model_path) / "manifest.json"
+    h.update(man.read_bytes() if man.is_file() else os.fspath(model_path).encode())
+    h.update(json.dumps([dataclasses.asdict(e) for e in experts], sort_keys=True).encode())
+    h.update(json.dumps(_cfg_json(cfg), sort_keys=True).encode())
+    for e in experts:
+        path = getattr(_get_task(e, model_path), "path", None)
+        if path and os.path.isfile(path):
+            h.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def experts_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    root = os.environ.get("GENOME_JAX_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "genome-jax") / "experts"
+
+
+def ensure_demo_experts(model_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                        experts: Sequence[ExpertSpec] = DEMO_EXPERTS, cfg: TrainConfig = DEMO_CONFIG,
+                        progress: bool = True) -> Path:
+    """The demo's expert pool (a folder of PEFT adapters), trained once and cached by recipe hash under
+    <cache>/experts/<hash>/ (cache: cache_dir, else $GENOME_JAX_CACHE/experts, else ~/.cache/genome-jax/experts).
+    Concurrent callers wait on a lock; a finished pool holds a READY file and is never rewritten."""
+    root = experts_cache_root(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    digest = recipe_hash(model_path, experts, cfg)
+    dest = root / digest
+    if (dest / "READY").is_file():
+        return dest
+    with open(root / f".{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (dest / "READY").is_file():
+            return dest
+        tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.tmp-", dir=root))
+        try:
+            train_pool(model_path, experts, tmp, cfg, progress=progress)
+            (tmp / "READY").write_text(digest + "\n")
+            if dest.exists():  # a stale, unfinished folder from an older layout
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return dest

@@ -1,0 +1,8 @@
+"""Evolution operators: pure functions over the stacked population (leading axis = individual).
+
+Submodules: `merge` (crossover), `mutation`, `selection`, `succession`. Import from the submodules; the names
+below are re-exported for convenience (each helper adds its own, additively).
+"""
+from genome_jax.operators.mutation import gaussian_mutation, svd_mutation  # noqa: F401
+from genome_jax.operators.selection import elites, roulette, select_parents, survivors, tournament  # noqa: F401
+from genome_jax.operators.succession import SuccessionConfig, succession, update_personal_best  # noqa: F401

@@ -1,0 +1,129 @@
+"""Mutation operators over a stacked population of LoRA factors.
+
+Both operators take the whole population (any pytree whose leaves carry the individual on axis 0, e.g. the
+`Population.factors` dict of `{"A": (P, r, d_in), "B": (P, d_out, r)}`), split the key once per individual and
+vmap a per-individual function over the keys, so (with JAX's default partitionable threefry) an individual's draw
+does not depend on the population size.
+
+`gaussian_mutation`: GENOME's mutation. Each individual is picked with probability `individual_rate`; in a
+picked individual every gene (every entry of every A and B) is picked with probability `gene_rate` and gets
+N(0, sigma^2) noise added. Non-picked genes are returned bit-for-bit unchanged.
+
+`svd_mutation`: noise shaped by the individual's own update. Per module, ΔW = B @ A = U diag(S) V^T is taken from
+the small factors (QR of B and of A^T, SVD of the r x r core; ΔW itself is never formed), and a picked individual
+becomes ΔW' = U diag(sqrt S) (I + sigma E) diag(sqrt S) V^T with E ~ N(0, 1) masked per entry by `gene_rate`.
+So the change lives in span(U) x span(V), a direction i<->j is perturbed in proportion to sqrt(S_i S_j)
+(sigma is relative: E||ΔW' - ΔW||_F^2 = sigma^2 gene_rate (sum_i S_i)^2), and the rank never grows (zero-padded
+ranks stay zero). A mutated module comes back in the balanced form B' = U diag(sqrt S)(I + sigma E),
+A' = diag(sqrt S) V^T; modules of individuals that are not picked keep their factors exactly.
+
+`sigma` may be a float or an optax schedule (a callable of the generation count), evaluated at `step`.
+Both return `(children, mutated)` where `mutated: (P,) bool` says whose weights actually changed.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Union
+
+import jax
+import jax.numpy as jnp
+
+Schedule = Callable[[Any], Any]
+ScalarOrSchedule = Union[float, Schedule]
+
+__all__ = ["gaussian_mutation", "svd_mutation", "resolve_schedule"]
+
+
+def resolve_schedule(value: ScalarOrSchedule, step) -> jax.Array:
+    """A float, or an optax schedule evaluated at `step` (the generation count), as a float32 scalar."""
+    v = value(step) if callable(value) else value
+    return jnp.asarray(v, jnp.float32)
+
+
+def _gaussian_one(key, tree, *, individual_rate, gene_rate, sigma):
+    """One individual: tree leaves without the population axis. Returns (tree', changed: () bool)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    sizes = [x.size for x in leaves]
+    k_ind, k_mask, k_noise = jax.random.split(key, 3)
+    picked = jax.random.bernoulli(k_ind, individual_rate)
+    # One draw over all genes of the individual (sliced per leaf): far less to compile than a draw per leaf.
+    mask = jax.random.bernoulli(k_mask, gene_rate, (sum(sizes),)) & picked
+    noise = sigma * jax.random.normal(k_noise, (sum(sizes),), jnp.float32)
+    out, start = [], 0
+    for x, n in zip(leaves, sizes):
+        m = mask[start:start + n].reshape(x.shape)
+        e = noise[start:start + n].reshape(x.shape).astype(x.dtype)
+        out.append(jnp.where(m, x + e, x))
+        start += n
+    return jax.tree_util.tree_unflatten(treedef, out), jnp.any(mask) & (sigma != 0)
+
+
+def gaussian_mutation(key, factors, *, individual_rate, gene_rate, sigma: ScalarOrSchedule, step=0):
+    """Gaussian noise under a per-individual and per-gene Bernoulli mask.
+
+    factors: pytree with leaves (P, ...); individual_rate, gene_rate: probabilities in [0, 1];
+    sigma: noise std (float or optax schedule of `step`). Returns (factors', mutated: (P,) bool).
+    """
+    leaves = jax.tree_util.tree_leaves(factors)
+    n = leaves[0].shape[0]
+    s = resolve_schedule(sigma, step)
+    keys = jax.random.split(key, n)
+    fn = lambda k, t: _gaussian_one(k, t, individual_rate=individual_rate, gene_rate=gene_rate, sigma=s)
+    return jax.vmap(fn)(keys, factors)
+
+
+def _svd_module_one(e, A, B, *, sigma):
+    """One module of one individual. e: (m, m) masked N(0, 1) noise, m = min(r, d_in, d_out);
+    A: (r, d_in), B: (d_out, r). Returns (A', B', changed)."""
+    r = A.shape[0]
+    dt = A.dtype
+    qb, rb = jnp.linalg.qr(B.astype(jnp.float32))  # (d_out, k1), (k1, r)
+    qa, ra = jnp.linalg.qr(A.T.astype(jnp.float32))  # (d_in, k2), (k2, r)
+    u, s, vt = jnp.linalg.svd(rb @ ra.T, full_matrices=False)  # ΔW = (qb u) diag(s) (qa vt^T)^T
+    m = s.shape[0]
+    left = qb @ u  # (d_out, m) left singular vectors of ΔW
+    right = qa @ vt.T  # (d_in, m) right singular vectors
+    rs = jnp.sqrt(s)
+    b_new = (left * rs[None, :]) @ (jnp.eye(m, dtype=jnp.float32) + sigma * e)  # (d_out, m)
+    a_new = rs[:, None] * right.T  # (m, d_in)
+    if m < r:  # thin shapes (d < r): pad back to the common rank with zeros
+        b_new = jnp.pad(b_new, ((0, 0), (0, r - m)))
+        a_new = jnp.pad(a_new, ((0, r - m), (0, 0)))
+    changed = jnp.any(e != 0) & (sigma != 0) & jnp.any(s > 0)
+    return a_new.astype(dt), b_new.astype(dt), changed
+
+
+def _core_size(mod) -> int:
+    r, d_in = mod["A"].shape[-2:]
+    return min(r, d_in, mod["B"].shape[-2])
+
+
+def _svd_one(key, tree, *, individual_rate, gene_rate, sigma):
+    names = sorted(tree)
+    sizes = [_core_size(tree[name]) for name in names]
+    total = sum(m * m for m in sizes)
+    k_ind, k_mask, k_noise = jax.random.split(key, 3)
+    picked = jax.random.bernoulli(k_ind, individual_rate)
+    noise = jax.random.normal(k_noise, (total,), jnp.float32) * jax.random.bernoulli(k_mask, gene_rate, (total,))
+    out, changed, start = {}, jnp.zeros((), bool), 0
+    for name, m in zip(names, sizes):
+        mod = tree[name]
+        e = noise[start:start + m * m].reshape(m, m)
+        start += m * m
+        a_new, b_new, ch = _svd_module_one(e, mod["A"], mod["B"], sigma=sigma)
+        take = picked & ch
+        out[name] = dict(mod, A=jnp.where(take, a_new, mod["A"]), B=jnp.where(take, b_new, mod["B"]))
+        changed = changed | take
+    return out, changed
+
+
+def svd_mutation(key, factors, *, individual_rate, gene_rate, sigma: ScalarOrSchedule, step=0):
+    """Noise in each individual's own singular subspace of ΔW = B @ A (see module docstring).
+
+    factors: {module: {"A": (P, r, d_in), "B": (P, d_out, r)}}; sigma is relative to the singular values.
+    Returns (factors', mutated: (P,) bool).
+    """
+    n = jax.tree_util.tree_leaves(factors)[0].shape[0]
+    s = resolve_schedule(sigma, step)
+    keys = jax.random.split(key, n)
+    fn = lambda k, t: _svd_one(k, t, individual_rate=individual_rate, gene_rate=gene_rate, sigma=s)
+    return jax.vmap(fn)(keys, factors)

@@ -1,0 +1,635 @@
+"""The GENOME / GENOME+ run loop: JAX strategies (genome_jax) wired to the evaluator process (evaluators).
+
+    experts (PEFT folders) -> initial population -> per generation:
+        ask (jit) -> export changed children (tmpfs) -> score (cached by content hash) -> tell -> metrics -> checkpoint
+    -> best adapter, test scores (best, best initial expert, ensembles of the top k by dev fitness), result.json, plot
+
+Wiring only: the maths lives in genome_jax (strategies, operators, population), scoring in evaluators.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from genome_jax.errors import UserError
+from genome_jax.run_config import (
+    RunConfig,
+    describe_mismatch,
+    load_run_config,
+    run_config_from_dict,
+    save_run_config,
+)
+
+RUN_CONFIG = "run_config.json"
+
+
+# ------------------------------------------------------------------------------------------------ preparation
+def _check_task(name: str, scoring: str | None) -> None:
+    """A task name or file the evaluators know, with the requested scoring mode; raises their UserError if not."""
+    from evaluators.tasks import get_task
+
+    get_task(name, mode=scoring)
+
+
+def _merge_methods() -> tuple[str, ...] | None:
+    try:
+        from genome_jax.operators import merge
+    except ImportError:  # merge operators not built yet: the strategy will refuse unknown names itself
+        return None
+    methods = getattr(merge, "METHODS", None)
+    return tuple(methods) if methods is not None else None
+
+
+def read_saved_config(out_dir: Path) -> RunConfig | None:
+    path = out_dir / RUN_CONFIG
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg}); is this a genome run folder?") from None
+    return run_config_from_dict(data, str(path))
+
+
+def prepare(flags: Mapping[str, Any], *, config_file: str | None = None,
+            resume_dir: str | None = None) -> tuple[RunConfig, Path]:
+    """Build and validate the run config and decide fresh start vs resume; touches no file.
+
+    Returns (config, output folder). Raises UserError for bad flags/keys, unknown tasks, a folder that is not a
+    run of the same config, or --resume on a folder that holds no run.
+    """
+    base = None
+    if resume_dir is not None:
+        saved = read_saved_config(Path(resume_dir))
+        if saved is None:
+            raise UserError(f"--resume {resume_dir}: no {RUN_CONFIG} there (not a genome run folder)")
+        base = saved.to_dict()
+        flags = {**flags, "output_dir": resume_dir}
+
+    cfg = load_run_config(flags, config_file, base=base, merge_methods=_merge_methods())
+    # absolute paths: the saved config must mean the same folders when the run is resumed from elsewhere
+    cfg = dataclasses.replace(cfg, **{k: str(Path(v).expanduser().absolute()) for k in ("lora_dir", "model_path")
+                                      if (v := getattr(cfg, k)) is not None})
+    if not cfg.synthetic:  # task names, files and scoring modes are the evaluators' to check
+        for t in cfg.tasks:
+            _check_task(t, cfg.scoring)
+        for t in cfg.unseen_tasks:
+            _check_task(t, None)
+    out_dir = cfg.resolved_output_dir()
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise UserError(f"--output_dir {out_dir}: exists and is not a folder")
+        saved = read_saved_config(out_dir)
+        if saved is not None:
+            diff = describe_mismatch(saved, cfg)
+            if diff:
+                raise UserError(f"--output_dir {out_dir} holds a run with a different config ({diff}); "
+                                "use another --output_dir or the same flags to resume")
+        elif any(out_dir.iterdir()):
+            raise UserError(f"--output_dir {out_dir}: folder is not empty and holds no genome run")
+    validate_more(cfg)
+    return cfg, out_dir
+
+
+
+
+def validate_more(cfg: RunConfig) -> None:
+    """Checks that need the strategies and the expert folder listing (still no file written, no weights read)."""
+    from genome_jax.population import adapter_folders
+    from genome_jax.run_config import strategy_params
+
+    params = strategy_params(cfg)
+    n_experts = len(adapter_folders(cfg.lora_dir)) if cfg.lora_dir else _SYNTHETIC_EXPERTS
+    if not cfg.init_merge and n_experts > params.population_size:
+        raise UserError(f"--no-init-merge keeps all {n_experts} experts as the initial population, but "
+                        f"--population_size is {params.population_size}")
+    if cfg.init_merge and n_experts < 2:
+        raise UserError(f"--lora_dir {cfg.lora_dir}: one expert only; the initial merges need at least 2 "
+                        "(or use --no-init-merge)")
+    if cfg.backend == "jax" and not cfg.synthetic:
+        for t in cfg.tasks:
+            from evaluators.tasks import CHOICE_LOGPROB, get_task
+
+            if get_task(t, mode=cfg.scoring).mode != CHOICE_LOGPROB:
+                raise UserError(f"--backend jax scores multiple-choice tasks with choice_logprob only; "
+                                f"task '{t}' uses '{get_task(t, mode=cfg.scoring).mode}'")
+
+
+_SYNTHETIC_EXPERTS = 4  # genome_jax.synthetic.synthetic_experts' default pool size
+
+
+# ------------------------------------------------------------------------------------------------------ timing
+class Timer:
+    """Accumulated wall time per phase: `with timer("export"): ...`."""
+
+    def __init__(self):
+        self.total: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - t0)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.total[phase] = self.total.get(phase, 0.0) + seconds
+
+    def since(self, before: dict[str, float]) -> dict[str, float]:
+        return {k: round(v - before.get(k, 0.0), 4) for k, v in self.total.items() if v - before.get(k, 0.0) > 0}
+
+
+# ----------------------------------------------------------------------------------------------------- scorers
+def _host(tree, idx=None):
+    """Device pytree -> numpy pytree (optionally only individuals idx), in one transfer per leaf."""
+    import jax
+    import numpy as np
+
+    if idx is not None:
+        idx = np.asarray(idx)
+        tree = jax.tree_util.tree_map(lambda a: a[idx], tree)
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def _digest(tree, i: int) -> str:
+    """Content hash of individual i of a numpy pytree (dedupes identical individuals before export)."""
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        h.update(np.ascontiguousarray(leaf[i]).tobytes())
+    return h.hexdigest()
+
+
+class SyntheticScorer:
+    """TEST PROBLEM: fitness = closeness of ΔW to a hidden mix of the experts (genome_jax.synthetic). No LLM."""
+
+    kind = "synthetic"
+
+    def __init__(self, experts_factors, seed: int):
+        from genome_jax import synthetic
+
+        self.problem = synthetic.make_problem(experts_factors, seed=seed + 1)
+        self._score = synthetic.score
+
+    def dev_fitness(self, factors, idx, meta, timer: Timer, progress: bool) -> list[float]:
+        import jax
+        import numpy as np
+
+        from genome_jax import reporting
+
+        bar = reporting.progress_bar(len(idx), "scoring (synthetic)", disable=not progress)
+        with timer("scoring"):  # the whole population at once: one compiled shape for every generation
+            full = np.asarray(self._score(self.problem, factors))
+            out = [float(full[i]) for i in idx]
+        bar.update(len(idx))
+        bar.close()
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class LLMScorer:
+    """Real tasks: children exported as PEFT folders (tmpfs) to the vLLM evaluator, or scored in-process by the
+    JAX scorer (`--backend jax`, no export). Fitness = weighted task scores on the dev split."""
+
+    kind = "llm"
+
+    def __init__(self, cfg: RunConfig, model_path: str, rank: int, cache_dir: Path, progress: bool):
+        from evaluators.tasks import get_task
+
+        self.cfg = cfg
+        self.model_path = model_path
+        self.fit_tasks = [get_task(t, formatter=model_path, mode=cfg.scoring) for t in cfg.tasks]
+        self.report_tasks = self.fit_tasks + [self._unseen(t) for t in cfg.unseen_tasks]
+        self.evaluator = None
+        self.jax_scorer = None
+        self.scratch = None
+        self.progress = progress
+        if cfg.backend == "jax":
+            from genome_jax.models.scorer import JaxScorer
+
+            self.jax_scorer = JaxScorer(model_path)
+        else:
+            from evaluators.backends import make_evaluator, scratch_dir
+
+            allowed = (8, 16, 32, 64, 128, 256, 512)
+            max_rank = next((a for a in allowed if a >= max(rank, 16)), rank)
+            self.evaluator = make_evaluator(model_path, endpoints=list(cfg.endpoints) or None,
+                                            eval_mode=cfg.eval_mode, max_lora_rank=max_rank,
+                                            cache_dir=str(cache_dir), progress=progress)
+            self.scratch = Path(scratch_dir("genome-run-"))
+            start = getattr(self.evaluator.backend, "start", None)
+            if start is not None:  # start the engine now, so its start-up time is reported on its own
+                start()
+
+    def _unseen(self, name: str):
+        from evaluators.tasks import get_task
+
+        task = get_task(name, formatter=self.model_path)
+        if self.cfg.scoring and self.cfg.scoring in task.modes:
+            task = get_task(name, formatter=self.model_path, mode=self.cfg.scoring)
+        return task
+
+    def evaluate(self, factors, meta, names: list[str], tasks, split: str, n: int | None, timer: Timer,
+                 *, desc: str = "scoring") -> list[dict]:
+        """Per individual of the numpy pytree `factors` (leaves (m, ...)): {task name: TaskResult} on `split`."""
+        if self.jax_scorer is not None:
+            from evaluators.protocol import ChoiceResponse
+
+            from genome_jax import reporting
+
+            out = [dict() for _ in names]
+            bar = reporting.progress_bar(len(tasks), desc, disable=not self.progress)
+            with timer("scoring"):
+                for task in tasks:
+                    items = task.load(split, n)
+                    reqs = task.build_requests(items, task.mode)
+                    per_ind = self.jax_scorer.responses(factors, reqs, ChoiceResponse)
+                    for j, resp in enumerate(per_ind):
+                        out[j][task.name] = task.score(items, resp, task.mode)
+                    bar.update(1)
+            bar.close()
+            return out
+        from genome_jax.population import Population, export_adapter
+
+        folder = Path(tempfile.mkdtemp(prefix=f"{split}-", dir=self.scratch))
+        try:
+            with timer("export"):
+                pop = Population(factors=factors, meta=dataclasses.replace(meta, names=tuple(names)))
+                dirs = [str(export_adapter(pop, j, folder / f"ind{j:03d}")) for j in range(len(names))]
+            with timer("scoring"):
+                results = self.evaluator.evaluate(dirs, tasks, split, n)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return [r.tasks for r in results]
+
+    def dev_fitness(self, factors, idx, meta, timer: Timer, progress: bool) -> list[float]:
+        from evaluators.tasks import weighted_fitness
+
+        sub = _host(factors, idx)
+        res = self.evaluate(sub, meta, [f"ind{i}" for i in idx], self.fit_tasks, "dev", self.cfg.n_dev, timer)
+        return [weighted_fitness([r[t.name] for t in self.fit_tasks], self.cfg.weights) for r in res]
+
+    def close(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.close()
+            self.evaluator = None
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+
+
+# -------------------------------------------------------------------------------------------------------- run
+EXPERTS = "experts.json"
+BEST_ADAPTER = "best_adapter"
+
+
+def _load_experts(cfg: RunConfig):
+    """The parent pool as a Population (synthetic without --lora_dir: small random experts)."""
+    from genome_jax.population import Population, PopulationMeta, load_population
+
+    if cfg.lora_dir is not None:
+        return load_population(cfg.lora_dir)
+    from genome_jax import synthetic
+
+    factors = synthetic.synthetic_experts(cfg.seed)
+    leaf = next(iter(factors.values()))
+    meta = PopulationMeta(base_model="synthetic", rank=int(leaf["A"].shape[1]),
+                          target_modules=tuple(sorted({p.rsplit(".", 1)[-1] for p in factors})),
+                          names=tuple(f"synthetic-expert-{i}" for i in range(leaf["A"].shape[0])))
+    return Population(factors=factors, meta=meta)
+
+
+def _identity(cfg: RunConfig, params, experts) -> dict:
+    from genome_jax.synthetic import experts_digest
+
+    return {"run": cfg.identity(), "params": params.to_dict(), "experts": experts_digest(experts.factors)}
+
+
+def _stats_record(generation: int, fitness, best_ever, evaluated: dict, times: dict, elapsed: float) -> dict:
+    from genome_jax import reporting
+
+    s = reporting.fitness_stats([float(f) for f in fitness])
+    return {"generation": generation, **s, "best_ever": reporting.clean_float(best_ever),
+            "population": int(sum(1 for f in fitness if f == f)), "evaluated": evaluated, "time": times,
+            "elapsed_s": round(elapsed, 3)}
+
+
+def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print) -> dict:
+    """Run (or resume) the evolution described by `cfg` in `out_dir`; returns the result dict (also result.json)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from genome_jax import reporting
+    from genome_jax.checkpoint import RunCheckpointer
+    from genome_jax.run_config import strategy_params
+    from genome_jax.strategies import get_strategy, initial_population, needs_score
+
+    t_start = time.perf_counter()
+    timer = Timer()
+    _enable_compilation_cache()
+    params = strategy_params(cfg)
+    strategy = get_strategy(cfg.method)
+    with timer("load"):
+        experts = _load_experts(cfg)
+    meta = experts.meta
+    identity = _identity(cfg, params, experts)
+
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scorer = None
+    try:
+        if not (out_dir / RUN_CONFIG).exists():
+            save_run_config(cfg, out_dir / RUN_CONFIG)
+        ckpt = RunCheckpointer(out_dir / "checkpoints", identity)
+        with timer("evaluator_start"):
+            if cfg.synthetic:
+                scorer = SyntheticScorer(experts.factors, cfg.seed)
+            else:
+                model_path = cfg.model_path or _default_model_path()
+                scorer = LLMScorer(cfg, model_path, meta.rank, out_dir / "eval_cache", progress)
+    except BaseException:
+        if scorer is not None:
+            scorer.close()
+        if created:  # nothing of value was written yet: leave no half-made run folder behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+    try:
+        t_evo = time.perf_counter()
+        at_evolution = dict(timer.total)
+        key = jax.random.PRNGKey(cfg.seed)
+        k_init, k_run = jax.random.split(key)
+        n0 = params.population_size
+        zeros = jax.tree_util.tree_map(lambda a: jnp.zeros((n0,) + a.shape[1:], a.dtype), experts.factors)
+        template = strategy.init(k_run, zeros, jnp.zeros((n0,), jnp.float32), params)
+        restored = ckpt.restore_latest(template)
+        experts_info = _read_json(out_dir / EXPERTS)
+        if restored is None:
+            reporting.truncate_metrics(out_dir, -1)
+            before = dict(timer.total)
+            if experts_info is None:  # the parents' own dev fitness: for "best initial expert" in the report
+                fit = scorer.dev_fitness(experts.factors, list(range(experts.size)), meta, timer, progress)
+                experts_info = {"names": list(meta.names), "dev_fitness": [reporting.clean_float(f) for f in fit]}
+                reporting.write_json_atomic(out_dir / EXPERTS, experts_info)
+            with timer("operators"):
+                pop0 = initial_population(k_init, experts.factors, n0, params=params, init_merge=cfg.init_merge)
+                jax.block_until_ready(pop0)
+            fit0 = scorer.dev_fitness(pop0, list(range(n0)), meta, timer, progress)
+            with timer("operators"):
+                state = strategy.init(k_run, pop0, jnp.asarray(fit0, jnp.float32), params)
+                jax.block_until_ready(state)
+            rec = _stats_record(0, np.asarray(state.fitness), state.best_fitness,
+                                {"scored": n0, "cached": 0}, {}, time.perf_counter() - t_start)
+            with timer("checkpoint"):
+                ckpt.save(0, state)
+            rec["time"] = timer.since(before)
+            reporting.append_metrics(out_dir, rec)
+            log(reporting.summary_line(rec, cfg.max_iter))
+            resumed_from = None
+        else:
+            state, resumed_from = restored.state, restored.step
+            reporting.truncate_metrics(out_dir, restored.step)
+            log(f"resuming {out_dir} from generation {restored.step}")
+            if experts_info is None:
+                fit = scorer.dev_fitness(experts.factors, list(range(experts.size)), meta, timer, progress)
+                experts_info = {"names": list(meta.names), "dev_fitness": [reporting.clean_float(f) for f in fit]}
+                reporting.write_json_atomic(out_dir / EXPERTS, experts_info)
+
+        while int(state.generation) < cfg.max_iter and not strategy.done(state, params):
+            before = dict(timer.total)
+            with timer("operators"):
+                children, state = strategy.ask(strategy.generation_key(state), state, params)
+                need = np.asarray(needs_score(state))
+            idx = [int(i) for i in np.flatnonzero(need)]
+            fitness = np.full(need.shape, np.nan, np.float32)
+            if idx:
+                fitness[idx] = scorer.dev_fitness(children, idx, meta, timer, progress)
+            with timer("operators"):
+                state = strategy.tell(state, children, jnp.asarray(fitness), params)
+                jax.block_until_ready(state)
+            g = int(state.generation)
+            alive = getattr(state, "child_alive", None)
+            n_alive = int(np.sum(np.asarray(alive))) if alive is not None else int(need.shape[0])
+            with timer("checkpoint"):
+                ckpt.save(g, state)
+            rec = _stats_record(g, np.asarray(state.fitness), state.best_fitness,
+                                {"scored": len(idx), "cached": n_alive - len(idx)}, timer.since(before),
+                                time.perf_counter() - t_start)
+            reporting.append_metrics(out_dir, rec)
+            log(reporting.summary_line(rec, cfg.max_iter))
+        with timer("checkpoint"):
+            ckpt.close()
+        stopped_early = int(state.generation) < cfg.max_iter
+        evolution = {**timer.since(at_evolution), "total": round(time.perf_counter() - t_evo, 3)}
+        at_final, t_final = dict(timer.total), time.perf_counter()
+        result = _final_report(cfg, out_dir, state, experts, experts_info, scorer, timer, progress)
+        result.update(generations=int(state.generation), stopped_early=stopped_early, resumed_from=resumed_from)
+        # where the time went (this process only: a resumed run reports its own share)
+        result["timings_s"] = {
+            "load": round(at_evolution.get("load", 0.0), 3),
+            "evaluator_start": round(at_evolution.get("evaluator_start", 0.0), 3),
+            "evolution": evolution,  # initial population + generations: operators / export / scoring / checkpoint
+            "final": {**timer.since(at_final), "total": round(time.perf_counter() - t_final, 3)},  # best + test
+            "total": round(time.perf_counter() - t_start, 3),
+        }
+        reporting.write_json_atomic(out_dir / reporting.RESULT, result)
+        return result
+    finally:
+        try:
+            ckpt.close()
+        except Exception:
+            pass
+        scorer.close()
+
+
+def _enable_compilation_cache() -> None:
+    """Persist XLA compilations (ask/tell/score) across runs: a resumed or repeated run skips recompiling.
+    Honours a user's own JAX_COMPILATION_CACHE_DIR; GENOME_JAX_COMPILE_CACHE=0 turns it off."""
+    import jax
+
+    if os.environ.get("GENOME_JAX_COMPILE_CACHE") == "0" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    from genome_jax.model_store import cache_root
+
+    try:
+        path = cache_root() / "jax-compile-cache"
+        path.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    except OSError:  # a read-only home: just compile again
+        pass
+
+
+def _default_model_path() -> str:
+    from genome_jax.model_store import default_model_path
+
+    return str(default_model_path())
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _export_best(best_factors, meta, out_dir: Path) -> Path:
+    """out_dir/best_adapter: the best individual ever seen, as a PEFT folder (atomic replace)."""
+    import numpy as np
+
+    from genome_jax.population import Population, export_adapter
+
+    one = {m: {k: np.asarray(v)[None] for k, v in leaf.items()} for m, leaf in _host(best_factors).items()}
+    return export_adapter(Population(factors=one, meta=dataclasses.replace(meta, names=("best",))), 0,
+                          out_dir / BEST_ADAPTER)
+
+
+def _final_report(cfg: RunConfig, out_dir: Path, state, experts, experts_info: dict, scorer, timer: Timer,
+                  progress: bool) -> dict:
+    """best_adapter/, test scores (best, best initial expert, top-k ensembles ranked on dev), fitness.png."""
+    import numpy as np
+
+    from genome_jax import reporting
+
+    meta = experts.meta
+    with timer("export"):
+        _export_best(state.best, meta, out_dir)
+    exp_fit = [np.nan if f is None else f for f in experts_info["dev_fitness"]]
+    e_best = int(np.nanargmax(exp_fit)) if np.isfinite(exp_fit).any() else 0
+    result: dict[str, Any] = {
+        "method": cfg.method,
+        "tasks": list(cfg.tasks),
+        "task_weights": list(cfg.weights),
+        "best": {"dev_fitness": reporting.clean_float(state.best_fitness), "adapter": str(out_dir / BEST_ADAPTER)},
+        "best_initial_expert": {"name": meta.names[e_best], "dev_fitness": reporting.clean_float(exp_fit[e_best])},
+        "experts_dev_fitness": dict(zip(experts_info["names"], experts_info["dev_fitness"])),
+    }
+    test_bars: dict[str, float | None] = {}
+    if cfg.synthetic:
+        result["problem"] = "synthetic TEST PROBLEM: fitness = -relative distance of ΔW to a hidden mix of the experts"
+        result["test"] = None  # the test problem has no test split
+        test_bars = {}
+    else:
+        t = _test_report(cfg, state, experts, e_best, scorer, timer, progress)
+        result["best"].update(t.pop("best"))
+        result["best_initial_expert"].update(t.pop("best_initial_expert"))
+        result.update(t)
+        test_bars = {"best initial expert": result["best_initial_expert"]["test_fitness"],
+                     "evolved best": result["best"]["test_fitness"]}
+        for e in result["ensembles"]:
+            test_bars[f"ensemble k={e['k']}"] = e["test_fitness"]
+    with timer("report"):
+        reporting.plot_fitness(reporting.read_metrics(out_dir), out_dir / reporting.PLOT, test_bars=test_bars,
+                               reference={"best initial expert (dev)": result["best_initial_expert"]["dev_fitness"]},
+                               title=f"{cfg.method} on {'+'.join(Path(t).stem for t in cfg.tasks)}",
+                               ylabel="dev fitness" + (" (synthetic)" if cfg.synthetic else ""))
+    return result
+
+
+def _test_report(cfg: RunConfig, state, experts, e_best: int, scorer: LLMScorer, timer: Timer,
+                 progress: bool) -> dict:
+    """Score on the test split: the best individual, the best initial expert (chosen on dev), and the top-k of the
+    final population by DEV fitness, whose test predictions are ensembled for k = 1..K."""
+    import jax
+    import numpy as np
+
+    from evaluators.ensemble import DevRanking, ensemble, ensemble_task
+    from evaluators.tasks import weighted_fitness
+    from genome_jax import reporting
+
+    meta = experts.meta
+    pop = _host(state.population)
+    fit = np.asarray(state.fitness, np.float64)
+    order = [int(i) for i in np.argsort(-np.where(np.isfinite(fit), fit, -np.inf), kind="stable") if np.isfinite(fit[i])]
+    top, seen = [], set()
+    for i in order:  # distinct individuals only: copies of an elite would only repeat its votes
+        d = _digest(pop, i)
+        if d not in seen:
+            seen.add(d)
+            top.append(i)
+        if len(top) == cfg.ensemble_k:
+            break
+    best = _host(state.best)
+    exp = _host(experts.factors)
+    # candidates: [best, expert, top...] as one numpy population
+    rows = [jax.tree_util.tree_map(lambda a: a[None], best),
+            jax.tree_util.tree_map(lambda a: a[e_best:e_best + 1], exp)]
+    rows += [jax.tree_util.tree_map(lambda a, i=i: a[i:i + 1], pop) for i in top]
+    cand = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *rows)
+    names = ["best", f"expert:{meta.names[e_best]}"] + [f"top{j + 1}" for j in range(len(top))]
+    test = scorer.evaluate(cand, meta, names, scorer.report_tasks, "test", cfg.n_test, timer, desc="test split")
+    fit_names = [t.name for t in scorer.fit_tasks]
+    unseen_names = [t.name for t in scorer.report_tasks[len(scorer.fit_tasks):]]
+
+    def summary(res: dict) -> dict:
+        return {"test_fitness": weighted_fitness([res[t] for t in fit_names], cfg.weights),
+                "test_scores": {t: r.score for t, r in res.items()}}
+
+    out: dict[str, Any] = {}
+    out["best"] = summary(test[0])
+    out["best_initial_expert"] = summary(test[1])
+    # ensembles: ranking from DEV results of the members (served by the result cache), never from test
+    top_factors = jax.tree_util.tree_map(lambda a: a[np.asarray(top)], pop)
+    dev = scorer.evaluate(top_factors, meta, names[2:], scorer.fit_tasks, "dev", cfg.n_dev, timer, desc="dev ranking")
+    ranking = DevRanking.from_dev_results([[r[t] for t in fit_names] for r in dev], cfg.weights)
+    test_top = test[2:]
+    report = ensemble(ranking, [[r[t] for t in fit_names] for r in test_top], cfg.weights, k_max=len(top))
+    unseen = {t: ensemble_task(ranking, [r[t] for r in test_top], len(top)) for t in unseen_names}
+    ens = []
+    for j in range(len(top)):
+        scores = {t: (e.prob_avg or e.vote)[j] for t, e in report.per_task.items()}
+        scores.update({t: (e.prob_avg or e.vote)[j] for t, e in unseen.items()})
+        ens.append({"k": j + 1, "members": [names[2 + i] for i in ranking.order[:j + 1]],
+                    "test_fitness": report.weighted[j], "test_scores": scores,
+                    "vote": {t: e.vote[j] for t, e in {**report.per_task, **unseen}.items()}})
+    out["ensembles"] = ens
+    out["ensemble_rule"] = "top-k by dev fitness; averaged option probabilities for choice_logprob tasks, else majority vote"
+    out["unseen_tasks"] = unseen_names
+    out["n_test"] = {t.name: len(test[0][t.name].predictions) for t in scorer.report_tasks}
+    out["n_dev"] = {t.name: len(dev[0][t.name].predictions) for t in scorer.fit_tasks}
+    return out
+
+
+def final_summary(result: dict, out_dir: Path) -> str:
+    """A small table of the outcome (printed by `genome run`)."""
+    lines = [f"done: {result.get('generations')} generations of {result['method']} -> {out_dir}"]
+    if result.get("test") is None and "ensembles" not in result:
+        lines.append(f"  best initial expert  dev {_f(result['best_initial_expert']['dev_fitness'])}"
+                     f"  ({result['best_initial_expert']['name']})")
+        lines.append(f"  evolved best         dev {_f(result['best']['dev_fitness'])}")
+    else:
+        tasks = list(result["best"]["test_scores"])
+        head = "  " + f"{'':24}" + f"{'dev':>8}{'test':>8}" + "".join(f"{t[:10]:>11}" for t in tasks)
+        lines.append(head)
+
+        def row(label, entry):
+            return ("  " + f"{label:24}" + f"{_f(entry.get('dev_fitness')):>8}{_f(entry['test_fitness']):>8}"
+                    + "".join(f"{_f(entry['test_scores'].get(t)):>11}" for t in tasks))
+
+        lines.append(row("best initial expert", {**result["best_initial_expert"],
+                                                  "dev_fitness": result["best_initial_expert"].get("dev_fitness")}))
+        lines.append(row("evolved best", result["best"]))
+        for e in result["ensembles"]:
+            lines.append(row(f"ensemble k={e['k']}", e))
+        if result.get("unseen_tasks"):
+            lines.append(f"  (test column = weighted fitness tasks; unseen tasks: {', '.join(result['unseen_tasks'])})")
+    lines.append(f"  files: {out_dir}/result.json  metrics.jsonl  fitness.png  {BEST_ADAPTER}/")
+    return "\n".join(lines)
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.4f}"

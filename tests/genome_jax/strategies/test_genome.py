@@ -1,0 +1,173 @@
+"""GENOME strategy: params validation, ask/tell bookkeeping (elites, copies, best, history), search progress."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from genome_jax import synthetic
+from genome_jax.errors import UserError
+from genome_jax.strategies import StrategyParams, genome, get_strategy, initial_population, needs_score
+
+EXPERTS = synthetic.synthetic_experts(0, n_experts=4, n_layers=2, d_model=16, rank=4)
+PROBLEM = synthetic.make_problem(EXPERTS, coeffs=[0.25, 0.25, 0.25, 0.25])
+PARAMS = StrategyParams(population_size=8, cross="linear", combine="linear", selection="tournament",
+                        sigma=0.02, individual_mutation_rate=0.8, gene_mutation_rate=0.5, elite_percent=0.25,
+                        max_generations=20)
+
+
+def _leaves(t):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(t)]
+
+
+def _start(params=PARAMS, seed=0):
+    pop = initial_population(jax.random.PRNGKey(seed), EXPERTS, params=params)
+    fit = synthetic.score(PROBLEM, pop)
+    return genome.init(jax.random.PRNGKey(seed + 1), pop, fit, params)
+
+
+def _generation(state, params=PARAMS, strategy=genome, drop=None):
+    children, state = strategy.ask(strategy.generation_key(state), state, params)
+    need = needs_score(state)
+    fit = jnp.where(need, synthetic.score(PROBLEM, children), jnp.nan)
+    if drop is not None:
+        fit = fit.at[drop].set(jnp.nan)
+    return children, state, fit, strategy.tell(state, children, fit, params)
+
+
+@pytest.mark.parametrize("kw,culprit", [
+    (dict(population_size=1), "population_size"),
+    (dict(cross_rate=1.5), "cross_rate"),
+    (dict(individual_mutation_rate=-0.1), "individual_mutation_rate"),
+    (dict(gene_mutation_rate=float("nan")), "gene_mutation_rate"),
+    (dict(elite_percent=1.0), "elite_percent"),
+    (dict(selection="lottery"), "selection"),
+    (dict(mutation="cosmic"), "mutation"),
+    (dict(survivor_selection="none"), "survivor_selection"),
+    (dict(population_size=10, max_population_size=5), "max_population_size"),
+    (dict(sigma=-1.0), "sigma"),
+    (dict(rank_pressure=3.0), "rank_pressure"),
+    (dict(tournament_size=0), "tournament_size"),
+    (dict(patience=-1), "patience"),
+    (dict(cross=3), "cross"),
+])
+def test_params_validation_names_the_culprit(kw, culprit):
+    with pytest.raises(UserError, match=f"'{culprit}'"):
+        StrategyParams(**kw)
+
+
+def test_params_are_hashable_and_recordable():
+    assert hash(PARAMS) == hash(StrategyParams(**{f: getattr(PARAMS, f) for f in PARAMS.__dataclass_fields__}))
+    d = PARAMS.to_dict()
+    assert d["population_size"] == 8 and d["cross"] == "linear"
+    with pytest.raises(UserError, match="sigma"):
+        StrategyParams(sigma=lambda step: 0.1).to_dict()
+    with pytest.raises(UserError, match="unknown method"):
+        get_strategy("genome_minus")
+
+
+def test_initial_population_pairs_distinct_experts_with_random_weights():
+    pop = initial_population(jax.random.PRNGKey(3), EXPERTS, 6, params=PARAMS)
+    # each individual's factors are w * expert_i + (1 - w) * expert_j for some i != j, w in (0, 1)
+    a_ind = np.asarray(pop["model.layers.0.self_attn.q_proj"]["A"]).reshape(6, -1)
+    a_exp = np.asarray(EXPERTS["model.layers.0.self_attn.q_proj"]["A"]).reshape(4, -1)
+    for x in a_ind:
+        coef, *_ = np.linalg.lstsq(a_exp.T, x, rcond=None)
+        nz = np.flatnonzero(np.abs(coef) > 1e-4)
+        assert len(nz) == 2 and abs(coef.sum() - 1) < 1e-4 and np.all(coef[nz] > 0), coef
+    same = initial_population(jax.random.PRNGKey(3), EXPERTS, 4, params=PARAMS, init_merge=False)
+    for x, y in zip(_leaves(same), _leaves(EXPERTS)):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(UserError, match="no-init-merge"):
+        initial_population(jax.random.PRNGKey(3), EXPERTS, 3, params=PARAMS, init_merge=False)
+
+
+def test_init_refuses_wrong_sizes():
+    pop = initial_population(jax.random.PRNGKey(0), EXPERTS, 5, params=PARAMS)
+    with pytest.raises(UserError, match="population_size"):
+        genome.init(jax.random.PRNGKey(0), pop, jnp.zeros(5), PARAMS)
+
+
+def test_elites_are_exact_copies_and_not_rescored():
+    state = _start()
+    children, asked, fit, told = _generation(state)
+    n_elite = PARAMS.n_elite(8)
+    assert n_elite == 2
+    top = np.argsort(-np.asarray(state.fitness), kind="stable")[:n_elite]
+    src = np.asarray(asked.child_source)
+    np.testing.assert_array_equal(src[:n_elite], top)
+    for c, p in zip(_leaves(children), _leaves(state.population)):
+        np.testing.assert_array_equal(c[:n_elite], p[top])
+    need = np.asarray(needs_score(asked))
+    assert not need[:n_elite].any() and need[n_elite:].any()
+    # copies inherit their source's fitness (they were passed NaN)
+    np.testing.assert_array_equal(np.asarray(told.fitness)[src >= 0], np.asarray(state.fitness)[src[src >= 0]])
+    assert np.all(np.isnan(np.asarray(fit)[src >= 0]))
+    # every child marked as a copy is bit-identical to its source
+    for i in np.flatnonzero(src >= 0):
+        for c, p in zip(_leaves(children), _leaves(state.population)):
+            np.testing.assert_array_equal(c[i], p[src[i]])
+
+
+def test_no_variation_means_all_copies_and_early_stop():
+    params = StrategyParams(population_size=8, cross="linear", combine="linear", cross_rate=0.0,
+                            individual_mutation_rate=0.0, elite_percent=0.25, patience=2, max_generations=5)
+    state = _start(params)
+    for g in range(2):
+        assert not genome.done(state, params)
+        _, asked, _, state = _generation(state, params)
+        assert not np.any(np.asarray(needs_score(asked)))
+    assert int(state.stall) == 2 and genome.done(state, params)
+
+
+def test_nan_fitness_never_becomes_best_or_elite():
+    state = _start()
+    children, asked, fit, told = _generation(state, drop=np.arange(2, 8))  # every new child failed
+    assert np.isfinite(float(told.best_fitness))
+    assert float(told.best_fitness) == float(state.best_fitness)
+    _, asked2, _, _ = _generation(told)
+    src = np.asarray(asked2.child_source)[:2]
+    assert np.all(np.isfinite(np.asarray(told.fitness)[src]))
+
+
+def test_best_is_monotone_and_history_is_recorded():
+    state = _start()
+    bests = [float(state.best_fitness)]
+    for _ in range(3):
+        _, _, _, state = _generation(state)
+        bests.append(float(state.best_fitness))
+    assert bests == sorted(bests)
+    h = np.asarray(state.history)
+    assert np.all(np.isfinite(h[:4])) and np.all(np.isnan(h[4:]))
+    np.testing.assert_allclose(h[3], [np.max(np.asarray(state.fitness)), np.mean(np.asarray(state.fitness)),
+                                      np.min(np.asarray(state.fitness))], rtol=1e-6)
+    # the stored best individual scores what the state says
+    best = jax.tree_util.tree_map(lambda a: a[None], state.best)
+    assert float(synthetic.score(PROBLEM, best)[0]) == pytest.approx(float(state.best_fitness), abs=1e-6)
+
+
+def test_jit_and_nojit_generation_agree():
+    state = _start()
+    key = genome.generation_key(state)
+    ch_j, st_j = genome.ask(key, state, PARAMS)
+    with jax.disable_jit():
+        ch_n, st_n = genome.ask(key, state, PARAMS)
+    np.testing.assert_array_equal(np.asarray(st_j.child_source), np.asarray(st_n.child_source))
+    for a, b in zip(_leaves(ch_j), _leaves(ch_n)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    fit = jnp.where(needs_score(st_j), synthetic.score(PROBLEM, ch_j), jnp.nan)
+    t_j = genome.tell(st_j, ch_j, fit, PARAMS)
+    with jax.disable_jit():
+        t_n = genome.tell(st_j, ch_j, fit, PARAMS)
+    for a, b in zip(_leaves(t_j), _leaves(t_n)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_genome_improves_the_synthetic_problem():
+    state = _start()
+    for _ in range(15):
+        _, _, _, state = _generation(state)
+    h = np.asarray(state.history)
+    assert h[15, 0] > h[0, 0] + 0.03, h[[0, 15]]  # best
+    assert h[15, 1] > h[0, 1] + 0.1, h[[0, 15]]  # mean
