@@ -65,8 +65,16 @@ def _check_like(restored, target) -> None:
     if r_def != t_def:
         raise ValueError("state structure differs from the expected one")
     for a, b in zip(r_leaves, t_leaves):
-        if np.shape(a) != np.shape(b) or np.asarray(a).dtype != np.asarray(b).dtype:
-            raise ValueError(f"array {np.shape(a)} {np.asarray(a).dtype} where {np.shape(b)} {np.asarray(b).dtype} expected")
+        (sa, da), (sb, db) = _shape_dtype(a), _shape_dtype(b)
+        if sa != sb or da != db:
+            raise ValueError(f"array {sa} {da} where {sb} {db} expected")
+
+
+def _shape_dtype(x) -> tuple[tuple, np.dtype]:
+    # arrays and jax.ShapeDtypeStruct targets (an abstract, sharded restore target: genome_jax.sharding.abstract_tree)
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return tuple(x.shape), np.dtype(x.dtype)
+    return np.shape(x), np.asarray(x).dtype
 
 
 # ---- run config ----

@@ -154,8 +154,10 @@ def _unique_names(names: Iterable[str]) -> tuple[str, ...]:
 def read_adapter_config(folder: str | os.PathLike) -> dict:
     """Parse and check `folder/adapter_config.json` (LoRA only, features we can represent as ΔW = B @ A)."""
     path = Path(folder) / CONFIG_NAME
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: missing (not a PEFT adapter folder?)")
+    if not path.is_file():
+        raise UserError(f"{path}: unreadable: not a regular file")
     try:
         cfg = json.loads(path.read_text())
     except OSError as e:
@@ -171,8 +173,11 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise UserError(f"{path}: invalid {key}: {v!r} (expected a positive number)")
     for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(cfg.get(key) or {}, dict):
-            raise UserError(f"{path}: invalid {key}: expected an object mapping module patterns to numbers")
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                for v in pattern.values()):
+            raise UserError(f"{path}: invalid {key}: expected an object mapping module patterns to positive numbers")
     unsupported = {
         "use_dora": "DoRA (magnitude vectors are not a B @ A product)",
         "lora_bias": "LoRA bias terms",

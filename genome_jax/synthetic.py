@@ -121,18 +121,23 @@ class SyntheticRun:
 
 def run_synthetic(out_dir, params, *, seed: int, generations: int, experts=None, method: str = "genome",
                   coeffs=None, keep: int = 3, async_save: bool = True,
-                  on_generation: Callable[[int, Any], None] | None = None) -> SyntheticRun:
+                  on_generation: Callable[[int, Any], None] | None = None, mesh=None) -> SyntheticRun:
     """Run (or resume) `method` on the synthetic test problem for `generations` generations, checkpointing each one.
 
     out_dir/checkpoints holds the orbax steps and run_config.json; re-running with the same arguments continues
     from the last complete generation and ends bit-identical to an uninterrupted run. `generations` may grow
     between runs (it is not part of the run identity). on_generation(generation, state) is called after each
-    checkpoint is issued (tests use it to inject faults).
+    checkpoint is issued (tests use it to inject faults). mesh: a `genome_jax.sharding.population_mesh`; the state
+    is then sharded over it, and a resume restores the checkpoint straight into that layout (any device count).
     """
     from genome_jax.checkpoint import RunCheckpointer
     from genome_jax.strategies import get_strategy, initial_population, needs_score
 
     strategy = get_strategy(method)
+    if mesh is not None:  # population axis sharded over mesh (genome_jax.sharding); same results, any device count
+        from genome_jax.sharding import ShardedStrategy
+
+        strategy = ShardedStrategy(strategy, mesh, params)
     experts = experts if experts is not None else synthetic_experts(seed)
     problem = make_problem(experts, coeffs, seed=seed + 1)
     config = {

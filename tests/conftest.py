@@ -156,8 +156,15 @@ def toy_bad_case(kind: str, root: Path) -> tuple[Path, str]:
         return root, r"b/adapter_config\.json: invalid JSON"
     if kind == "unreadable_config":
         toy_write(root / "b", None, toy_tensors())
+        (root / "b" / "adapter_config.json").mkdir()
+        return root, r"b/adapter_config\.json: unreadable"
+    if kind == "binary_config":
+        toy_write(root / "b", None, toy_tensors())
         (root / "b" / "adapter_config.json").write_bytes(b"\xff\xfe\x00garbage")
         return root, r"b/adapter_config\.json: invalid JSON"
+    if kind == "bad_pattern":
+        good("b", rank_pattern={"q_proj": "four"})
+        return root, r"b/adapter_config\.json: invalid rank_pattern"
     if kind == "pickle":
         toy_write(root / "b", toy_cfg(), None)
         (root / "b" / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")

@@ -332,14 +332,13 @@ def test_mmlu_requests_scored_with_transformers_logits_end_to_end():
     responses = answer_with_transformers(path, reqs, _loaded=(model, tok))
     result = task.score(items, responses)
     for it, req, resp, pred, probs in zip(items, reqs, responses, result.predictions, result.option_probs):
-        direct = []
-        for opt in req.options:
-            ids = tok(req.prompt + opt, return_tensors="pt")["input_ids"]
-            n_prompt = len(tok(req.prompt)["input_ids"])
-            assert ids.shape[1] == n_prompt + 1  # " A" is one token after "Answer:"
-            with torch.no_grad():
-                logp = torch.log_softmax(model(input_ids=ids).logits[0, -2].double(), -1)
-            direct.append(float(logp[ids[0, -1]]))
+        # tokenise each full string prompt + option: the option must be exactly one extra token after "Answer:"
+        full = [tok(req.prompt + opt)["input_ids"] for opt in req.options]
+        n_prompt = len(tok(req.prompt)["input_ids"])
+        assert all(len(f) == n_prompt + 1 and f[:-1] == full[0][:-1] for f in full)
+        with torch.no_grad():  # one forward over prompt + " A"; position -2 predicts every option's token
+            logp = torch.log_softmax(model(input_ids=torch.tensor([full[0]])).logits[0, -2].double(), -1)
+        direct = [float(logp[f[-1]]) for f in full]
         assert resp.logprobs == pytest.approx(direct, abs=1e-4)
         assert pred == "ABCD"[max(range(4), key=lambda j: direct[j])]
         assert sum(probs) == pytest.approx(1.0)

@@ -232,7 +232,7 @@ def test_validate_population_catches_nan_and_bad_shapes(toy_dir):
 
 
 # ---------------------------------------------------------------------------------------------------- bad inputs
-BAD_CASES = ["missing_config", "invalid_json", "unreadable_config", "pickle", "base_model", "target_modules",
+BAD_CASES = ["missing_config", "invalid_json", "unreadable_config", "binary_config", "bad_pattern", "pickle", "base_model", "target_modules",
              "rank_vs_config", "d_in_mismatch", "nan", "inf", "empty", "not_lora", "dora", "symlink_escape",
              "missing_dir", "corrupt_safetensors", "foreign_tensor"]
 

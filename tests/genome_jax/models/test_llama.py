@@ -14,28 +14,6 @@ from genome_jax.models import llama
 TARGETS = ("q_proj", "v_proj", "down_proj")
 
 
-def _make_tiny(path, tied: bool, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, rope_theta=50000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(cfg).float().eval()
-    model.save_pretrained(path)
-    return model
-
-
-@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
-def tiny(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    model = _make_tiny(path, tied=request.param)
-    cfg, params = llama.load_params(path)
-    return path, model, cfg, params
-
-
 def peft_factors(peft_model, n_layers: int) -> dict:
     """Contract 1 factors of one peft adapter (P = 1), scale folded into B: an independent conversion."""
     sd = peft_model.state_dict()

@@ -1,0 +1,189 @@
+"""The expert trainer: packing, the answer-only loss against separate forwards, determinism, PEFT export that
+peft loads (tiny random checkpoints, fast), and the real task examples and CLI on SmolLM2 (slow)."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from genome_jax.errors import UserError
+from genome_jax.models import llama, trainer
+
+
+def _examples(vocab: int, n: int, seed: int = 0) -> list[trainer.Example]:
+    """A learnable toy task: the answer is token 5 or 6 by the parity of the last prompt token (prompts of 3..20
+    random tokens; 1 or 2 answer tokens)."""
+    rs = np.random.RandomState(seed)
+    out = []
+    for _ in range(n):
+        prompt = list(rs.randint(1, vocab, rs.randint(3, 21)))
+        k = int(rs.randint(1, 3))  # 1 or 2 answer tokens
+        out.append(trainer.Example(tokens=tuple(int(t) for t in prompt + [5 + prompt[-1] % 2] * k), n_target=k))
+    return out
+
+
+SMALL = trainer.TrainConfig(rank=4, alpha=8.0, steps=12, lr=2e-2, warmup_steps=2, batch_rows=2, seq_len=48,
+                            max_targets=8)
+
+
+def test_config_and_spec_validation():
+    with pytest.raises(UserError, match="unknown target modules"):
+        trainer.TrainConfig(targets=("qkv",))
+    with pytest.raises(UserError, match="warmup_steps"):
+        trainer.TrainConfig(steps=3, warmup_steps=3)
+    assert trainer.ExpertSpec.parse("m=mmlu") == trainer.ExpertSpec("m", "mmlu", "test")
+    assert trainer.ExpertSpec.parse("m=/x/a:b.json:dev") == trainer.ExpertSpec("m", "/x/a:b.json", "dev")
+    with pytest.raises(UserError, match="expected NAME=TASKFILE"):
+        trainer.ExpertSpec.parse("mmlu")
+    with pytest.raises(UserError, match="invalid expert name"):
+        trainer.ExpertSpec.parse("../x=mmlu")
+
+
+def test_packing_places_every_example_and_its_targets():
+    exs = _examples(50, 30)
+    it = trainer.packed_batches(exs, SMALL, seed=1)
+    seen = []
+    for _ in range(6):
+        b = next(it)
+        assert b.tokens.shape == (2, 48) and b.tgt_row.shape == (2 * 8,)
+        for row in range(2):
+            for seg in range(1, b.segments[row].max() + 1):
+                idx = np.flatnonzero(b.segments[row] == seg)
+                assert (np.diff(idx) == 1).all() and (b.positions[row, idx] == np.arange(len(idx))).all()
+                seen.append(tuple(b.tokens[row, idx]))
+        w = b.tgt_w > 0
+        # every loss entry predicts the next token of its own row
+        np.testing.assert_array_equal(b.tokens[b.tgt_row[w], b.tgt_pos[w] + 1], b.tgt_tok[w])
+        assert (b.segments[b.tgt_row[w], b.tgt_pos[w]] == b.segments[b.tgt_row[w], b.tgt_pos[w] + 1]).all()
+    assert set(seen[:30]) == {e.tokens for e in exs}  # the first epoch covers every example once
+    again = trainer.packed_batches(exs, SMALL, seed=1)
+    np.testing.assert_array_equal(next(again).tokens, next(trainer.packed_batches(exs, SMALL, seed=1)).tokens)
+
+
+def test_packed_loss_equals_mean_of_separate_examples(tiny):
+    """The loss of a packed batch = mean over answer tokens of per-example cross-entropies from separate forwards."""
+    _, _, cfg, params = tiny
+    exs = _examples(cfg.vocab_size, 7, seed=2)
+    b = next(trainer.packed_batches(exs, SMALL, seed=0))
+    lora = trainer.init_lora(jax.random.key(0), cfg, SMALL)
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), lora)  # B != 0
+    loss = float(trainer.answer_loss(lora, params, trainer._device_batch(b), config=cfg, cfg=SMALL))
+    stacked = trainer.scaled(lora, SMALL.scale)
+    fwd = jax.jit(llama.forward, static_argnames="config")
+    nll = []
+    for row in range(b.tokens.shape[0]):
+        for seg in range(1, b.segments[row].max() + 1):
+            toks = b.tokens[row, b.segments[row] == seg]
+            ex = next(e for e in exs if e.tokens == tuple(toks))
+            padded = np.zeros((1, 24), np.int32)  # right padding: exact for the real positions, one compile
+            padded[0, : len(toks)] = toks
+            logits = np.asarray(fwd(params, jnp.asarray(padded), config=cfg, lora=stacked))[0, 0]
+            logp = np.asarray(jax.nn.log_softmax(logits, -1))
+            n = len(toks)
+            nll += [-logp[n - ex.n_target - 1 + j, toks[n - ex.n_target + j]] for j in range(ex.n_target)]
+    assert len(nll) == int(b.tgt_w.sum())
+    np.testing.assert_allclose(loss, np.mean(nll), rtol=1e-5)
+
+
+def test_training_learns_and_is_reproducible(tiny):
+    _, _, cfg, params = tiny
+    exs = _examples(cfg.vocab_size, 64)
+    f1, l1, stats = trainer.train_expert(jax.random.key(0), params, cfg, exs, SMALL)
+    f2, l2, _ = trainer.train_expert(jax.random.key(0), params, cfg, exs, SMALL)
+    _, l3, _ = trainer.train_expert(jax.random.key(1), params, cfg, exs, SMALL)
+    assert np.mean(l1[-3:]) < 0.7 * np.mean(l1[:3])  # it learns the toy task
+    assert l1 == l2 and l1 != l3
+    for path in f1:
+        np.testing.assert_array_equal(f1[path]["A"], f2[path]["A"])
+        np.testing.assert_array_equal(f1[path]["B"], f2[path]["B"])
+    assert set(f1) == {llama.module_path(i, n) for i in range(cfg.num_layers) for n in SMALL.targets}
+    assert f1[llama.module_path(0, "q_proj")]["A"].shape == (1, 4, cfg.hidden_size)
+    assert stats["tokens"] > 0 and stats["answer_tokens"] > 0
+
+
+def test_exported_expert_loads_in_peft_with_the_same_logits(tmp_path, make_tiny_llama):
+    from peft import PeftModel
+
+    from genome_jax.population import Population, PopulationMeta, export_adapter
+
+    model = make_tiny_llama(tmp_path / "base", tied=True)
+    cfg, params = llama.load_params(tmp_path / "base")
+    factors, _, _ = trainer.train_expert(jax.random.key(0), params, cfg, _examples(cfg.vocab_size, 32), SMALL)
+    pop = Population(factors=factors, meta=PopulationMeta(base_model="tiny", target_modules=tuple(sorted(SMALL.targets)),
+                                                          rank=SMALL.rank, names=("e",)))
+    export_adapter(pop, 0, tmp_path / "e")
+    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 9))
+    pm = PeftModel.from_pretrained(model, tmp_path / "e").eval()
+    with torch.no_grad():
+        ref = pm(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(llama.forward(params, jnp.asarray(tokens), config=cfg, lora=llama.stack_lora(factors, cfg)))[0]
+    np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=0)
+    plain = np.asarray(llama.forward(params, jnp.asarray(tokens), config=cfg))
+    assert np.abs(ours - plain).max() > 1e-3  # training moved the model
+
+
+# ------------------------------------------------------------------------------------------- real tasks (slow)
+@pytest.mark.slow
+def test_task_examples_use_the_scorers_prompts(model_path, smollm2_tokenizer):
+    from evaluators.tasks.base import get_task
+    from genome_jax.models.scorer import encode_requests
+
+    tok = smollm2_tokenizer
+    mmlu = get_task("mmlu", formatter=str(model_path))
+    items = mmlu.load("dev", 5)
+    exs = trainer.task_examples(mmlu, "dev", tok)[:5]
+    enc = encode_requests(mmlu.build_requests(items, "choice_logprob"), tok)
+    for it, ex, seq, tg in zip(items, exs, enc.seqs, enc.targets):
+        gold = list(it["choices"]).index(it["answer"])
+        assert ex.n_target == 1
+        assert list(ex.tokens[:-1]) == seq  # the scorer's sequence for this request
+        assert ex.tokens[-1] == tg[gold][1]  # ... followed by the gold option's token
+    gsm = get_task("gsm8k", formatter=str(model_path))
+    ex = trainer.task_examples(gsm, "dev", tok)[0]
+    item = gsm.load("dev", 1)[0]
+    assert ex.tokens[-1] == tok.eos_token_id
+    assert tok.decode(ex.tokens[-ex.n_target:-1]) == f"The answer is {item['answer']}."
+    assert len(trainer.task_examples(gsm, "dev", tok, max_len=100)) < len(gsm.load("dev"))
+
+
+@pytest.mark.slow
+def test_cli_trains_experts_that_peft_loads(model_path, tmp_path, cli, smollm2_fp32, smollm2_tokenizer):
+    """`genome train-experts` on the real model (2 tiny steps), a task given by path: PEFT folders + train_log.json,
+    and the adapter applied by peft changes the logits exactly as our forward does."""
+    from peft import PeftModel
+
+    from evaluators.tasks.base import get_task
+    from genome_jax.population import load_population
+
+    items = get_task("arc_c").load_data("test")[:12]
+    (tmp_path / "mini.json").write_text(json.dumps({"dev": items[:4], "test": items[4:]}))
+    out = tmp_path / "experts"
+    res = cli("train-experts", "--model_path", str(model_path), "--out", str(out), "--experts",
+              f"mini={tmp_path / 'mini.json'}", "m2=medmcqa:dev", "--steps", "2", "--warmup_steps", "1",
+              "--batch_rows", "1", "--seq_len", "128", "--rank", "2", "--targets", "q_proj", "v_proj",
+              "--no_progress", timeout=600)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert [e["name"] for e in summary["experts"]] == ["mini", "m2"]
+    log = json.loads((out / "train_log.json").read_text())
+    assert len(log["experts"][0]["losses"]) == 2 and log["config"]["rank"] == 2
+    pop = load_population([out / "mini", out / "m2"])
+    assert pop.meta.rank == 2 and pop.meta.target_modules == ("q_proj", "v_proj")
+    ids = torch.tensor([smollm2_tokenizer("Question: 2+2?\nA. 4\nB. 5\nAnswer:")["input_ids"]])
+    pm = PeftModel.from_pretrained(smollm2_fp32, out / "mini").eval()
+    try:
+        with torch.no_grad():
+            ref = pm(ids).logits.numpy()
+    finally:
+        pm.unload()
+    cfg, params = llama.load_params(model_path)
+    one = jax.tree.map(lambda x: x[:1], pop.factors)
+    ours = np.asarray(llama.forward(params, jnp.asarray(ids.numpy()), config=cfg, lora=llama.stack_lora(one, cfg)))[0]
+    np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
+
+    bad = cli("train-experts", "--model_path", str(model_path), "--out", str(out), "--experts", "x=nosuchtask")
+    assert bad.returncode == 1 and "unknown task 'nosuchtask'" in bad.stderr

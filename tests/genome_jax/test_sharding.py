@@ -1,0 +1,304 @@
+"""The population sharded over devices: same results as one device, bit for bit, and checkpoints that move between
+device counts.
+
+Multi-device runs need XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts, and pytest runs
+every test module in one process (JAX already started), so each scenario runs this file as a child script with
+its own device count and writes its results to an .npz; the test compares them. A child with 0 devices runs
+the plain (unsharded) strategy module on the default device.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[2]
+GENERATIONS = 6
+RESUME_AT = 3
+
+
+def _params(method: str):
+    from genome_jax.strategies import StrategyParams
+
+    if method == "genome":  # P = 8: divisible by 1, 2, 4 and 8 devices
+        return StrategyParams(population_size=8, elite_percent=0.25, individual_mutation_rate=0.5,
+                              gene_mutation_rate=0.2, sigma=0.05, max_generations=10)
+    return StrategyParams(population_size=8, max_population_size=16, n_offspring=8, elite_percent=0.25,
+                          individual_mutation_rate=0.5, gene_mutation_rate=0.2, sigma=0.05, max_generations=10)
+
+
+# ---- the child side ---------------------------------------------------------------------------------------------
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    import jax
+
+    from genome_jax.sharding import to_host
+
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(to_host(tree))[0]}
+
+
+def _layout(tree) -> dict[str, list]:
+    """{leaf path: [number of devices holding it, partition spec]}: where each leaf lives."""
+    import jax
+
+    return {jax.tree_util.keystr(p): [len(x.sharding.device_set), str(x.sharding.spec)]
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def child_run(a: dict) -> None:
+    """run_synthetic for `generations` on `devices` devices (0: unsharded), resuming what `out_dir` holds."""
+    import jax
+
+    from genome_jax import checkpoint, sharding
+    from genome_jax.strategies import get_strategy
+    from genome_jax.synthetic import run_synthetic
+
+    assert jax.device_count() == max(a["devices"], 1), jax.devices()
+    params = _params(a["method"])
+    mesh = sharding.population_mesh() if a["devices"] else None
+    report: dict = {}
+    if mesh is not None and a.get("check_restore"):
+        # restore the newest checkpoint (written on another device count) straight into this mesh's layout, once
+        # with an abstract target (ShapeDtypeStructs carrying the shardings) and once with a sharded template
+        strat = sharding.ShardedStrategy(get_strategy(a["method"]), mesh, params)
+        template = jax.eval_shape(lambda: _template(a["method"], params))
+        abstract = strat.abstract(template)
+        r = checkpoint.restore_latest(Path(a["out_dir"]) / "checkpoints", abstract)
+        report["restored_step"] = r.step
+        report["restored_layout"] = _layout(r.state)
+        np.savez(a["restored"], **_flat(r.state))
+    run = run_synthetic(a["out_dir"], params, seed=0, generations=a["generations"], method=a["method"], mesh=mesh,
+                        async_save=False)
+    report.update(resumed_from=run.resumed_from, generations=run.generations, layout=_layout(run.state))
+    np.savez(a["result"], **_flat(run.state))
+    Path(a["report"]).write_text(json.dumps(report))
+
+
+def _template(method: str, params):
+    import jax
+    import jax.numpy as jnp
+
+    from genome_jax.strategies import get_strategy
+    from genome_jax.synthetic import synthetic_experts
+
+    experts = synthetic_experts(0)
+    n0 = params.population_size
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros((n0,) + x.shape[1:], x.dtype), experts)
+    return get_strategy(method).init(jax.random.PRNGKey(0), zeros, jnp.zeros((n0,), jnp.float32), params)
+
+
+def child_operators(a: dict) -> None:
+    """Plain ask/score/tell loop (no checkpoint) through ShardedStrategy; in a multi-process job when asked."""
+    import jax
+
+    if a.get("processes", 1) > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        from genome_jax.sharding import initialize_distributed
+
+        assert initialize_distributed(a["coordinator"], a["processes"], a["process_id"])
+    import jax.numpy as jnp
+
+    from genome_jax import sharding
+    from genome_jax.strategies import get_strategy, initial_population, needs_score
+    from genome_jax.synthetic import make_problem, score, synthetic_experts
+
+    params = _params(a["method"])
+    strategy = get_strategy(a["method"])
+    if a["devices"]:
+        strategy = sharding.ShardedStrategy(strategy, sharding.population_mesh(), params)
+    experts = synthetic_experts(0)
+    problem = make_problem(experts, seed=1)
+    k_init, k_run = jax.random.split(jax.random.PRNGKey(0))
+    pop = initial_population(k_init, experts, params.population_size, params=params)
+    state = strategy.init(k_run, pop, score(problem, pop), params)
+    for _ in range(GENERATIONS):
+        children, state = strategy.ask(strategy.generation_key(state), state, params)
+        fitness = jnp.where(needs_score(state), score(problem, children), jnp.nan)
+        state = strategy.tell(state, children, fitness, params)
+    report = {"devices": jax.device_count(), "local_devices": jax.local_device_count(),
+              "processes": jax.process_count(), "layout": _layout(state)}
+    flat = _flat(state)  # every process gathers the whole state (a collective: all processes take part)
+    if jax.process_index() == 0:
+        np.savez(a["result"], **flat)
+        Path(a["report"]).write_text(json.dumps(report))
+
+
+def child_errors(a: dict) -> None:
+    from genome_jax import sharding
+    from genome_jax.errors import UserError
+    from genome_jax.strategies import StrategyParams, get_strategy
+
+    out = {}
+    try:
+        sharding.ShardedStrategy(get_strategy("genome"), sharding.population_mesh(),
+                                 StrategyParams(population_size=10, max_generations=4))
+    except UserError as e:
+        out["indivisible"] = str(e)
+    try:
+        sharding.population_mesh(n_devices=9)
+    except UserError as e:
+        out["too_many"] = str(e)
+    out["mesh4"] = sharding.population_mesh(n_devices=4).devices.size
+    Path(a["report"]).write_text(json.dumps(out))
+
+
+# ---- the test side ----------------------------------------------------------------------------------------------
+
+def _child(kind: str, devices: int, timeout: float = 240, **kw) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={max(devices, 1)}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    args = json.dumps(dict(kw, devices=devices))
+    return subprocess.Popen([sys.executable, str(HERE), kind, args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(*procs: subprocess.Popen, timeout: float = 300) -> None:
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            assert p.returncode == 0, f"child failed ({p.returncode}):\n{out[-4000:]}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _run(kind: str, devices: int, **kw) -> None:
+    _wait(_child(kind, devices, **kw))
+
+
+def _load(path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if a[k].dtype != b[k].dtype or not np.array_equal(a[k], b[k], equal_nan=True)]
+    assert not differ, f"leaves differ: {differ}"
+
+
+@pytest.fixture(scope="module")
+def unsharded(tmp_path_factory):
+    """The reference: each method run for GENERATIONS generations on one device, no sharding."""
+    out = {}
+    root = tmp_path_factory.mktemp("unsharded")
+    procs = []
+    for method in ("genome", "genome_plus"):
+        d = root / method
+        procs.append(_child("run", 0, method=method, out_dir=str(d), generations=GENERATIONS,
+                            result=str(d) + ".npz", report=str(d) + ".json"))
+        out[method] = d
+    _wait(*procs)
+    return {m: _load(str(d) + ".npz") for m, d in out.items()}
+
+
+@pytest.mark.parametrize("method", ["genome", "genome_plus"])
+def test_sharded_run_is_identical_to_unsharded(tmp_path, unsharded, method):
+    d = tmp_path / "run8"
+    _run("run", 8, method=method, out_dir=str(d), generations=GENERATIONS, result=str(d) + ".npz",
+         report=str(d) + ".json")
+    report = json.loads(Path(str(d) + ".json").read_text())
+    assert report["generations"] == GENERATIONS and report["resumed_from"] is None
+    # the population really is split over the 8 devices; per-run scalars are replicated
+    assert report["layout"]["['population']['model.layers.0.self_attn.q_proj']['A']"] == [8, "PartitionSpec('pop',)"]
+    assert report["layout"]["['fitness']"] == [8, "PartitionSpec('pop',)"]
+    assert report["layout"]["['generation']"] == [8, "PartitionSpec()"]
+    sharded = _load(str(d) + ".npz")
+    _assert_identical(sharded, unsharded[method])
+    # and the run went somewhere: the best improved over the generations
+    hist = sharded["['history']"]
+    assert hist[GENERATIONS, 0] > hist[0, 0]
+
+
+@pytest.mark.parametrize("method", ["genome", "genome_plus"])
+def test_checkpoint_saved_on_8_devices_resumes_on_2_and_on_1(tmp_path, unsharded, method):
+    # 8 devices: the first RESUME_AT generations, checkpointed (orbax writes every shard)
+    first = tmp_path / "first"
+    _run("run", 8, method=method, out_dir=str(first), generations=RESUME_AT, result=str(first) + ".npz",
+         report=str(first) + ".json")
+    saved = _load(str(first) + ".npz")
+    for devices in (2, 1):
+        d = tmp_path / f"resume{devices}"
+        d.mkdir()
+        shutil.copytree(first / "checkpoints", d / "checkpoints")
+        _run("run", devices, method=method, out_dir=str(d), generations=GENERATIONS, result=str(d) + ".npz",
+             report=str(d) + ".json", restored=str(d) + "-restored.npz", check_restore=True)
+        report = json.loads(Path(str(d) + ".json").read_text())
+        assert report["restored_step"] == RESUME_AT and report["resumed_from"] == RESUME_AT
+        # restored straight into the new layout: split over the new device count
+        assert report["restored_layout"]["['population']['model.layers.0.self_attn.q_proj']['A']"] == \
+            [devices, "PartitionSpec('pop',)"]
+        _assert_identical(_load(str(d) + "-restored.npz"), saved)
+        # and the continued run ends exactly where the uninterrupted single-device run ended
+        _assert_identical(_load(str(d) + ".npz"), unsharded[method])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_match_one_device(tmp_path):
+    """Multi-host in miniature: jax.distributed over 2 local processes (4 CPU devices each, gloo collectives)."""
+    ref = tmp_path / "ref"
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [_child("operators", 0, method="genome", result=str(ref) + ".npz", report=str(ref) + ".json")]
+    mp = tmp_path / "mp"
+    for pid in range(2):
+        procs.append(_child("operators", 4, method="genome", result=str(mp) + ".npz", report=str(mp) + ".json",
+                            processes=2, process_id=pid, coordinator=coordinator))
+    _wait(*procs)
+    report = json.loads(Path(str(mp) + ".json").read_text())
+    assert (report["processes"], report["devices"], report["local_devices"]) == (2, 8, 4)
+    assert report["layout"]["['population']['model.layers.0.self_attn.q_proj']['A']"] == [8, "PartitionSpec('pop',)"]
+    _assert_identical(_load(str(mp) + ".npz"), _load(str(ref) + ".npz"))
+
+
+def test_population_must_split_evenly(tmp_path):
+    _run("errors", 8, report=str(tmp_path / "e.json"))
+    out = json.loads((tmp_path / "e.json").read_text())
+    assert out["indivisible"] == ("population size 10 does not split over 8 devices; use a multiple of 8 "
+                                  "(or fewer devices, e.g. 2)")
+    assert out["too_many"] == "--devices 9: this job has 8 device(s)"
+    assert out["mesh4"] == 4
+
+
+def test_layout_rules_in_process():
+    """Which leaves are split (population axes) and which are replicated; runs on whatever devices exist."""
+    import jax
+    import jax.numpy as jnp
+
+    from genome_jax import sharding
+
+    mesh = sharding.population_mesh(n_devices=1)
+    tree = {"pop": jnp.zeros((8, 3)), "children": jnp.zeros((12, 2)), "key": jnp.zeros((2,), jnp.uint32),
+            "scalar": jnp.zeros(()), "history": jnp.zeros((11, 3))}
+    sh = sharding.tree_shardings(tree, mesh, (8, 12))
+    assert sh["pop"].spec == jax.sharding.PartitionSpec("pop")
+    assert sh["children"].spec == jax.sharding.PartitionSpec("pop")
+    assert sh["key"].spec == sh["scalar"].spec == sh["history"].spec == jax.sharding.PartitionSpec()
+    abstract = sharding.abstract_tree(tree, mesh, (8, 12))
+    assert abstract["pop"].shape == (8, 3) and abstract["pop"].sharding == sh["pop"]
+    placed = sharding.shard_tree({"pop": np.arange(8.0)}, mesh, 8)
+    assert np.array_equal(np.asarray(placed["pop"]), np.arange(8.0))
+    f = sharding.shard_jit(lambda x: (x * 2, x.sum()), mesh, 8)
+    y, s = f(placed["pop"])
+    assert np.array_equal(np.asarray(y), np.arange(8.0) * 2) and float(s) == 28.0
+    assert not sharding.initialize_distributed()  # no cluster configured: a no-op
+
+
+if __name__ == "__main__":
+    {"run": child_run, "operators": child_operators, "errors": child_errors}[sys.argv[1]](json.loads(sys.argv[2]))
