@@ -102,8 +102,12 @@ def _nan0(x: float) -> float:
 
 
 def _as_list(r) -> list[TaskResult]:
+    """One individual's results: a TaskResult, a sequence of them, {task: result}, or an object with such a
+    `.tasks` mapping (backends.base.IndividualResult)."""
     if isinstance(r, TaskResult):
         return [r]
+    if isinstance(getattr(r, "tasks", None), Mapping):
+        return list(r.tasks.values())
     if isinstance(r, Mapping):
         return list(r.values())
     return list(r)

@@ -44,7 +44,8 @@ def option_logprobs(model, tok, prompt: str, options: Sequence[str]) -> tuple[fl
     out = []
     with torch.no_grad():
         if all(len(o) == 1 for o in all_oids):  # single-token options: one forward pass gives them all
-            logp = torch.log_softmax(model(input_ids=torch.tensor([pids])).logits[0, -1].float(), dim=-1)
+            logits = model(input_ids=torch.tensor([pids]), logits_to_keep=1).logits[0, -1]
+            logp = torch.log_softmax(logits.float(), dim=-1)
             return tuple(float(logp[o[0]]) for o in all_oids)
         for oids in all_oids:
             ids = torch.tensor([pids + oids])

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genome_jax import faults
 from genome_jax.errors import UserError
 
 CONFIG_NAME = "adapter_config.json"
@@ -398,9 +399,11 @@ def _write_folder_atomic(out: Path, config: dict, tensors: dict[str, np.ndarray]
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         os.chmod(tmp, 0o755)
+        faults.point("adapter_temp_written")
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}-{tmp.name[-8:]}"
             os.replace(out, old)
+            faults.point("adapter_old_moved")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:

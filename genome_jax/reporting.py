@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from genome_jax import faults
+
 METRICS = "metrics.jsonl"
 RESULT = "result.json"
 PLOT = "fitness.png"
@@ -24,6 +26,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+    faults.point("json_temp_written")
     os.replace(tmp, path)
 
 
@@ -73,6 +76,7 @@ def truncate_metrics(output_dir: str | os.PathLike, last_generation: int) -> Non
     kept = [r for r in read_metrics(output_dir) if r.get("generation", -1) <= last_generation]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    faults.point("metrics_temp_written")
     os.replace(tmp, path)
 
 
@@ -171,4 +175,5 @@ def plot_fitness(
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    faults.point("plot_temp_written")
     os.replace(tmp, path)

@@ -346,6 +346,9 @@ def save_run_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    from genome_jax import faults
+
+    faults.point("run_config_temp_written")
     os.replace(tmp, path)
 
 

@@ -15,6 +15,9 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from scripts.run_cmd import _exit_1_error
+
+    parser.error = _exit_1_error  # type: ignore[method-assign]
     parser.add_argument("--output_dir", default=None, help="run folder (default runs/demo-<date-time>)")
     parser.add_argument("--target", default=None, help="target task (default: the expert pool's, arc_c)")
     parser.add_argument("--generations", type=int, default=3, help="GENOME+ generations (default 3)")

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from genome_jax import faults
 from genome_jax.errors import UserError
 from genome_jax.run_config import (
     RunConfig,
@@ -93,12 +94,29 @@ def prepare(flags: Mapping[str, Any], *, config_file: str | None = None,
             if diff:
                 raise UserError(f"--output_dir {out_dir} holds a run with a different config ({diff}); "
                                 "use another --output_dir or the same flags to resume")
-        elif any(out_dir.iterdir()):
+        elif any(p not in orphan_temps(out_dir) for p in out_dir.iterdir()):
             raise UserError(f"--output_dir {out_dir}: folder is not empty and holds no genome run")
     validate_more(cfg)
     return cfg, out_dir
 
 
+def orphan_temps(out_dir: Path) -> set[Path]:
+    """Temp files and folders a killed run left in its folder (our writers' names: `.NAME.tmp*` of reports and
+    configs, `.best_adapter.tmp-*` / `.old-*` of an adapter export, `.tmp-*` of the result cache). orbax cleans its
+    own under checkpoints/."""
+    found = {p for p in out_dir.glob(".*") if ".tmp" in p.name or ".old-" in p.name}
+    cache = out_dir / "eval_cache"
+    if cache.is_dir():
+        found |= set(cache.glob(".tmp-*"))
+    return found
+
+
+def _remove_orphan_temps(out_dir: Path) -> None:
+    for p in orphan_temps(out_dir):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def validate_more(cfg: RunConfig) -> None:
@@ -192,6 +210,7 @@ class SyntheticScorer:
         with timer("scoring"):  # the whole population at once: one compiled shape for every generation
             full = np.asarray(self._score(self.problem, factors))
             out = [float(full[i]) for i in idx]
+        faults.point("scored")
         bar.update(len(idx))
         bar.close()
         return out
@@ -269,8 +288,10 @@ class LLMScorer:
             with timer("export"):
                 pop = Population(factors=factors, meta=dataclasses.replace(meta, names=tuple(names)))
                 dirs = [str(export_adapter(pop, j, folder / f"ind{j:03d}")) for j in range(len(names))]
+            faults.point("exported")
             with timer("scoring"):
                 results = self.evaluator.evaluate(dirs, tasks, split, n)
+            faults.point("scored")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return [r.tasks for r in results]
@@ -350,6 +371,7 @@ def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print) -> d
 
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_orphan_temps(out_dir)  # left by a killed run of this folder (one run per folder at a time)
     scorer = None
     try:
         if not (out_dir / RUN_CONFIG).exists():
@@ -396,13 +418,21 @@ def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print) -> d
                                 {"scored": n0, "cached": 0}, {}, time.perf_counter() - t_start)
             with timer("checkpoint"):
                 ckpt.save(0, state)
+            faults.point("checkpoint_in_flight")
+            faults.point("checkpoint_committed", before_kill=ckpt.wait)
             rec["time"] = timer.since(before)
             reporting.append_metrics(out_dir, rec)
+            faults.point("metrics_appended")
             log(reporting.summary_line(rec, cfg.max_iter))
             resumed_from = None
         else:
             state, resumed_from = restored.state, restored.step
             reporting.truncate_metrics(out_dir, restored.step)
+            if not any(r.get("generation") == restored.step for r in reporting.read_metrics(out_dir)):
+                # killed after the checkpoint committed but before its metrics line: rebuild it from the state
+                # (fitness columns exact; evaluated/time of that generation are lost)
+                reporting.append_metrics(out_dir, {**_stats_record(restored.step, np.asarray(state.fitness),
+                                                                   state.best_fitness, {}, {}, 0.0), "rebuilt": True})
             log(f"resuming {out_dir} from generation {restored.step}")
             if experts_info is None:
                 fit = scorer.dev_fitness(experts.factors, list(range(experts.size)), meta, timer, progress)
@@ -426,10 +456,13 @@ def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print) -> d
             n_alive = int(np.sum(np.asarray(alive))) if alive is not None else int(need.shape[0])
             with timer("checkpoint"):
                 ckpt.save(g, state)
+            faults.point("checkpoint_in_flight")
+            faults.point("checkpoint_committed", before_kill=ckpt.wait)
             rec = _stats_record(g, np.asarray(state.fitness), state.best_fitness,
                                 {"scored": len(idx), "cached": n_alive - len(idx)}, timer.since(before),
                                 time.perf_counter() - t_start)
             reporting.append_metrics(out_dir, rec)
+            faults.point("metrics_appended")
             log(reporting.summary_line(rec, cfg.max_iter))
         with timer("checkpoint"):
             ckpt.close()
@@ -508,6 +541,7 @@ def _final_report(cfg: RunConfig, out_dir: Path, state, experts, experts_info: d
     meta = experts.meta
     with timer("export"):
         _export_best(state.best, meta, out_dir)
+    faults.point("best_exported")
     exp_fit = [np.nan if f is None else f for f in experts_info["dev_fitness"]]
     e_best = int(np.nanargmax(exp_fit)) if np.isfinite(exp_fit).any() else 0
     result: dict[str, Any] = {

@@ -5,9 +5,9 @@ Each server must run with LoRA enabled and runtime adapter updates allowed:
 and must see the adapter folders at the same paths (same machine or a shared file system). Individuals are spread
 over the servers through one shared work queue (`per_endpoint` individuals in flight on each server); per individual:
 POST /v1/load_lora_adapter, one /v1/completions call per group of like requests (a list of token-id prompts, so
-the server batches them), POST /v1/unload_lora_adapter. Choice options are scored exactly as in the managed worker:
-single-token options with `logprob_token_ids` from one forward, longer options from `prompt_logprobs` of
-prompt+option. Only the standard library is used (no vLLM in this process).
+the server batches them), POST /v1/unload_lora_adapter. Choice options are scored exactly as in the managed worker
+(`worker.choice_nodes`: one forward per node of the options' token trie, `logprob_token_ids` for the next tokens;
+single-token options = one forward per question). Only the standard library is used (no vLLM in this process).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import urllib.request
 from typing import Callable
 
 from evaluators.errors import EvaluatorCrashed, UserError
+from evaluators.backends.worker import choice_nodes
 from evaluators.protocol import ChoiceRequest, ChoiceResponse, GenerateRequest, GenerateResponse
 
 
@@ -71,10 +72,6 @@ class Endpoint:
         return ids
 
 
-def _lp(entry) -> float:
-    return float(entry["logprob"] if isinstance(entry, dict) else entry)
-
-
 class EndpointsBackend:
     kind = "endpoints"
 
@@ -98,31 +95,30 @@ class EndpointsBackend:
     # ---- one individual on one endpoint -------------------------------------------------------------------------
     def _score(self, ep: Endpoint, model: str, requests: list) -> list:
         out: list = [None] * len(requests)
-        groups: dict[tuple, list] = {}  # params key -> [(request index, prompt ids or text, reader info)]
+        groups: dict[tuple, list] = {}  # params key -> [(reader key, prompt token ids or text)]
+        choice: dict[int, tuple] = {}  # request index -> (option token ids, {prefix: group key, position})
         for i, r in enumerate(requests):
             if isinstance(r, ChoiceRequest):
                 pids = ep.tokenize(r.prompt, True)
                 oids = [ep.tokenize(o, False) for o in r.options]
-                if any(not ids for ids in oids):
-                    raise UserError(f"choice option list {r.options!r} has an option that is empty after tokenisation")
-                if all(len(ids) == 1 for ids in oids):
-                    uniq = tuple(sorted({ids[0] for ids in oids}))
-                    groups.setdefault(("choice1", uniq), []).append((i, pids, [ids[0] for ids in oids]))
-                else:
-                    for j, ids in enumerate(oids):
-                        groups.setdefault(("choiceN",), []).append(((i, j, len(oids)), pids + ids, (len(pids), ids)))
+                where = {}
+                for prefix, nexts in choice_nodes(r.options, oids).items():
+                    members = groups.setdefault(("choice", tuple(nexts)), [])
+                    where[prefix] = (("choice", tuple(nexts)), len(members))
+                    members.append(pids + list(prefix))
+                choice[i] = (oids, where)
             elif isinstance(r, GenerateRequest):
                 key = ("gen", int(r.max_tokens), float(r.temperature), r.seed, tuple(r.stop))
-                groups.setdefault(key, []).append((i, r.prompt, None))
+                where = (key, len(groups.setdefault(key, [])))
+                groups[key].append(r.prompt)
+                choice[i] = (None, where)
             else:
                 raise UserError(f"unknown request type {type(r).__name__}")
-        partial: dict[int, list] = {}
-        for key, members in groups.items():
-            body = {"model": model, "prompt": [m[1] for m in members], "max_tokens": 1, "temperature": 0.0}
-            if key[0] == "choice1":
+        answers: dict[tuple, list] = {}
+        for key, prompts in groups.items():
+            body = {"model": model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0}
+            if key[0] == "choice":
                 body.update(logprobs=len(key[1]), logprob_token_ids=list(key[1]), return_tokens_as_token_ids=True)
-            elif key[0] == "choiceN":
-                body.update(prompt_logprobs=0)
             else:
                 _, max_tokens, temp, seed, stop = key
                 body.update(max_tokens=max_tokens, temperature=temp)
@@ -132,21 +128,21 @@ class EndpointsBackend:
                     body["stop"] = list(stop)
             res = ep.call("POST", "/v1/completions", body)
             choices = sorted(res["choices"], key=lambda c: c["index"])
-            if len(choices) != len(members):
-                raise EvaluatorCrashed(f"endpoint {ep.url}: {len(choices)} completions for {len(members)} prompts")
-            for (idx, _, info), ch in zip(members, choices):
-                if key[0] == "gen":
-                    out[idx] = GenerateResponse(ch["text"])
-                elif key[0] == "choice1":
-                    top = ch["logprobs"]["top_logprobs"][0]
-                    out[idx] = ChoiceResponse(tuple(float(top[f"token_id:{t}"]) for t in info))
-                else:
-                    i, j, n_opt = idx
-                    start, ids = info
-                    plp = ch["prompt_logprobs"]
-                    val = sum(_lp(plp[start + k][str(t)]) for k, t in enumerate(ids))
-                    partial.setdefault(i, [None] * n_opt)[j] = float(val)
-        for i, vals in partial.items():
+            if len(choices) != len(prompts):
+                raise EvaluatorCrashed(f"endpoint {ep.url}: {len(choices)} completions for {len(prompts)} prompts")
+            answers[key] = choices
+        for i, (oids, where) in choice.items():
+            if oids is None:
+                key, pos = where
+                out[i] = GenerateResponse(answers[key][pos]["text"])
+                continue
+            vals = []
+            for ids in oids:
+                lp = 0.0
+                for j, t in enumerate(ids):
+                    key, pos = where[tuple(ids[:j])]
+                    lp += float(answers[key][pos]["logprobs"]["top_logprobs"][0][f"token_id:{t}"])
+                vals.append(lp)
             out[i] = ChoiceResponse(tuple(vals))
         return out
 

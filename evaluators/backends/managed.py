@@ -154,12 +154,13 @@ class ManagedBackend:
             if want(msg):
                 return msg
 
-    def _kill(self) -> None:
-        """Kill the worker's whole process group (vLLM may have children) and reap it."""
+    def _kill(self, gentle: bool = False) -> None:
+        """Kill the worker's whole process group (vLLM may have children) and reap it. A crashed or hung worker
+        gets SIGKILL at once (a stopped process never handles SIGTERM); `gentle` tries SIGTERM first."""
         p, self.proc = self.proc, None
         if p is None:
             return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        for sig in ((signal.SIGTERM, signal.SIGKILL) if gentle else (signal.SIGKILL,)):
             try:
                 os.killpg(p.pid, sig)
             except (ProcessLookupError, PermissionError):
@@ -183,7 +184,7 @@ class ManagedBackend:
                 p.wait(timeout=30)
             except (OSError, subprocess.TimeoutExpired, ValueError):
                 pass
-        self._kill()
+        self._kill(gentle=True)
 
     def _send(self, msg: dict) -> None:
         try:

@@ -58,6 +58,28 @@ class Channel:
             time.sleep(every)
 
 
+MAX_NEXT_TOKENS = 128  # vLLM's limit on logprob_token_ids
+
+
+def choice_nodes(options, oids: list[list[int]]) -> dict[tuple[int, ...], list[int]]:
+    """The token trie of the options: {prefix of option tokens: sorted next tokens}, one forward each.
+
+    log P(option) = sum_j log P(ids[j] | prompt + ids[:j]); the prompt + ids[:j] sequences shared by several options
+    are one request that asks `logprob_token_ids` for all their next tokens. Single-token options (" A".." D") are
+    the root alone: one forward per question. (Not prompt_logprobs: vLLM's LoRA logits path breaks on them.)
+    """
+    nodes: dict[tuple[int, ...], set[int]] = {}
+    for o, ids in zip(options, oids):
+        if not ids:
+            raise UserError(f"choice option {o!r} is empty after tokenisation")
+        for j in range(len(ids)):
+            nodes.setdefault(tuple(ids[:j]), set()).add(ids[j])
+    too_many = [p for p, n in nodes.items() if len(n) > MAX_NEXT_TOKENS]
+    if too_many:
+        raise UserError(f"a choice request has more than {MAX_NEXT_TOKENS} distinct option tokens at one position")
+    return {p: sorted(n) for p, n in nodes.items()}
+
+
 class Engine:
     """One vLLM engine and the bookkeeping of which individual's weights it currently holds."""
 
@@ -93,6 +115,7 @@ class Engine:
                 max_loras=int(cfg.get("max_loras", 8)),
                 max_cpu_loras=max(int(cfg.get("max_loras", 8)), int(cfg.get("max_cpu_loras") or 0)),
             )
+        self.max_cpu_loras = kwargs.get("max_cpu_loras", 0)
         self.llm = LLM(**kwargs)
         self.dtype = str(self.llm.llm_engine.model_config.dtype).replace("torch.", "")
         self.tok = self.llm.get_tokenizer()
@@ -153,30 +176,21 @@ class Engine:
         """Flatten requests into vLLM prompts + params; `plan` says how to read each request's answer back.
 
         Choice options are tokenised apart from the prompt (prompt ids + option ids, no special tokens), the
-        convention of the OpenAI completions API and of evaluators.reference. Options that are one token each are
-        scored from a single forward of the prompt with `logprob_token_ids` (exact log-softmax values for exactly
-        those ids, top-k or not); longer options get one prompt+option sequence each, read from prompt_logprobs.
+        convention of the OpenAI completions API and of evaluators.reference. See `choice_nodes` for how options
+        become requests; every log-prob comes from `logprob_token_ids` (exact log-softmax values of exactly the ids
+        asked for, in the top-k or not).
         """
         prompts, params, plan = [], [], []
         for r in requests:
             if isinstance(r, ChoiceRequest):
                 pids = self.tok.encode(r.prompt)
                 oids = [self.tok.encode(o, add_special_tokens=False) for o in r.options]
-                for o, ids in zip(r.options, oids):
-                    if not ids:
-                        raise UserError(f"choice option {o!r} is empty after tokenisation")
-                if all(len(ids) == 1 for ids in oids):
-                    uniq = sorted({ids[0] for ids in oids})
-                    plan.append(("choice1", len(prompts), [ids[0] for ids in oids]))
-                    prompts.append({"prompt_token_ids": pids})
-                    params.append(self._sampling(max_tokens=1, temperature=0.0, logprob_token_ids=uniq,
+                nodes = choice_nodes(r.options, oids)
+                plan.append(("choice", len(prompts), ({p: i for i, p in enumerate(nodes)}, oids)))
+                for prefix, nexts in nodes.items():
+                    prompts.append({"prompt_token_ids": pids + list(prefix)})
+                    params.append(self._sampling(max_tokens=1, temperature=0.0, logprob_token_ids=nexts,
                                                  detokenize=False))
-                else:
-                    plan.append(("choiceN", len(prompts), [(len(pids), ids) for ids in oids]))
-                    for ids in oids:
-                        prompts.append({"prompt_token_ids": pids + ids})
-                        params.append(self._sampling(max_tokens=1, temperature=0.0, prompt_logprobs=0,
-                                                     detokenize=False))
             elif isinstance(r, GenerateRequest):
                 plan.append(("gen", len(prompts), None))
                 prompts.append(r.prompt)
@@ -192,15 +206,15 @@ class Engine:
         for kind, i, extra in plan:
             if kind == "gen":
                 res.append(GenerateResponse(outputs[i].outputs[0].text))
-            elif kind == "choice1":
-                lp = outputs[i].outputs[0].logprobs[0]
-                res.append(ChoiceResponse(tuple(float(lp[t].logprob) for t in extra)))
-            else:
-                vals = []
-                for j, (start, ids) in enumerate(extra):
-                    plp = outputs[i + j].prompt_logprobs
-                    vals.append(float(sum(plp[start + k][t].logprob for k, t in enumerate(ids))))
-                res.append(ChoiceResponse(tuple(vals)))
+                continue
+            node_index, oids = extra
+            vals = []
+            for ids in oids:
+                lp = 0.0
+                for j, t in enumerate(ids):
+                    lp += outputs[i + node_index[tuple(ids[:j])]].outputs[0].logprobs[0][t].logprob
+                vals.append(float(lp))
+            res.append(ChoiceResponse(tuple(vals)))
         return res
 
     # ---- scoring ----------------------------------------------------------------------------------------------------
@@ -242,7 +256,7 @@ class Engine:
                 self._next_lora_id += 1
                 lr = LoRARequest(f"ind{lid}", lid, job["adapter"])
                 ids.append(lid)
-                if job.get("preload", False):
+                if len(ids) <= self.max_cpu_loras:  # load now (timed); beyond the cache, generate loads them
                     self.llm.llm_engine.add_lora(lr)
             spans.append((len(prompts), plan))
             prompts += p
@@ -252,10 +266,12 @@ class Engine:
         try:
             outs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False) if prompts else []
         finally:
+            t2 = time.perf_counter()
             for lid in ids:  # unload: these individuals are done
                 self.llm.llm_engine.remove_lora(lid)
+            timing["lora_load_s"] += time.perf_counter() - t2
         timing["lora_load_s"] += t1 - t0
-        timing["generate_s"] += time.perf_counter() - t1
+        timing["generate_s"] += t2 - t1
         results = []
         for start, plan in spans:
             results.append(self.read(outs[start:], plan))

@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model_path", default=os.path.expanduser("~/.cache/genome-jax/models/smollm2-135m"))
     p.add_argument("--tasks", nargs="+", default=["mmlu", "arc_c"])
     p.add_argument("--n", type=int, default=50)
+    p.add_argument("--variants", nargs="+", choices=["plain", "chat"], default=["plain", "chat"])
     args = p.parse_args(argv)
 
     from evaluators.reference import answer_with_transformers, load_reference_model
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_reference_model(args.model_path)
     for name in args.tasks:
-        for chat in (False, True):
+        for chat in [v == "chat" for v in args.variants]:
             task = get_task(name, formatter=args.model_path)
             task.logprob_chat = chat  # instance override for the measurement only
             items = task.load("dev", args.n)

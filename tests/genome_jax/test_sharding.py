@@ -22,6 +22,7 @@ import pytest
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[2]
 GENERATIONS = 6
+POP_A = ".population['model.layers.0.self_attn.q_proj']['A']"  # a population leaf's path in the state
 RESUME_AT = 3
 
 
@@ -49,7 +50,10 @@ def _layout(tree) -> dict[str, list]:
     """{leaf path: [number of devices holding it, partition spec]}: where each leaf lives."""
     import jax
 
-    return {jax.tree_util.keystr(p): [len(x.sharding.device_set), str(x.sharding.spec)]
+    def spec(x):
+        return [str(a) for a in getattr(x.sharding, "spec", ())]
+
+    return {jax.tree_util.keystr(p): [len(x.sharding.device_set), spec(x)]
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -152,7 +156,7 @@ def child_errors(a: dict) -> None:
 
 # ---- the test side ----------------------------------------------------------------------------------------------
 
-def _child(kind: str, devices: int, timeout: float = 240, **kw) -> subprocess.Popen:
+def _child(kind: str, devices: int, **kw) -> subprocess.Popen:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={max(devices, 1)}"
     env["JAX_PLATFORMS"] = "cpu"
@@ -162,7 +166,7 @@ def _child(kind: str, devices: int, timeout: float = 240, **kw) -> subprocess.Po
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait(*procs: subprocess.Popen, timeout: float = 300) -> None:
+def _wait(*procs: subprocess.Popen, timeout: float = 600) -> None:
     try:
         for p in procs:
             out, _ = p.communicate(timeout=timeout)
@@ -172,10 +176,6 @@ def _wait(*procs: subprocess.Popen, timeout: float = 300) -> None:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-
-
-def _run(kind: str, devices: int, **kw) -> None:
-    _wait(_child(kind, devices, **kw))
 
 
 def _load(path) -> dict[str, np.ndarray]:
@@ -189,60 +189,83 @@ def _assert_identical(a: dict, b: dict) -> None:
     assert not differ, f"leaves differ: {differ}"
 
 
+METHODS = ("genome", "genome_plus")
+
+
 @pytest.fixture(scope="module")
-def unsharded(tmp_path_factory):
-    """The reference: each method run for GENERATIONS generations on one device, no sharding."""
-    out = {}
-    root = tmp_path_factory.mktemp("unsharded")
-    procs = []
-    for method in ("genome", "genome_plus"):
-        d = root / method
-        procs.append(_child("run", 0, method=method, out_dir=str(d), generations=GENERATIONS,
-                            result=str(d) + ".npz", report=str(d) + ".json"))
-        out[method] = d
-    _wait(*procs)
-    return {m: _load(str(d) + ".npz") for m, d in out.items()}
+def runs(tmp_path_factory):
+    """Every scenario, batched into one child process per device count (children run two at a time):
+
+    1 device, unsharded: the reference run of GENERATIONS generations per method (and the plain ask/tell loop).
+    8 devices: the same runs sharded; the first RESUME_AT generations checkpointed; the error messages.
+    2 and 1 devices: resume the 8-device checkpoints (restored straight into the new layout) to GENERATIONS.
+    """
+    root = tmp_path_factory.mktemp("sharding")
+    f = lambda *parts: str(root.joinpath(*parts))  # noqa: E731
+    ref = [dict(kind="run", method=m, out_dir=f("ref", m), generations=GENERATIONS, result=f("ref", m + ".npz"),
+                report=f("ref", m + ".json")) for m in METHODS]
+    ref.append(dict(kind="operators", method="genome", result=f("ref", "loop.npz"), report=f("ref", "loop.json")))
+    eight = [dict(kind="run", method=m, out_dir=f("d8", m), generations=GENERATIONS, result=f("d8", m + ".npz"),
+                  report=f("d8", m + ".json")) for m in METHODS]
+    eight += [dict(kind="run", method=m, out_dir=f("first", m), generations=RESUME_AT, result=f("first", m + ".npz"),
+                   report=f("first", m + ".json")) for m in METHODS]
+    eight.append(dict(kind="errors", report=f("errors.json")))
+    _wait(_child("batch", 0, jobs=ref), _child("batch", 8, jobs=eight))
+
+    resume = {}
+    for n in (2, 1):
+        jobs = []
+        for m in METHODS:
+            shutil.copytree(root / "first" / m, root / f"resume{n}" / m)
+            jobs.append(dict(kind="run", method=m, out_dir=f(f"resume{n}", m), generations=GENERATIONS,
+                             result=f(f"resume{n}", m + ".npz"), report=f(f"resume{n}", m + ".json"),
+                             restored=f(f"resume{n}", m + "-restored.npz"), check_restore=True))
+        resume[n] = jobs
+    _wait(_child("batch", 2, jobs=resume[2]), _child("batch", 1, jobs=resume[1]))
+    return root
 
 
-@pytest.mark.parametrize("method", ["genome", "genome_plus"])
-def test_sharded_run_is_identical_to_unsharded(tmp_path, unsharded, method):
-    d = tmp_path / "run8"
-    _run("run", 8, method=method, out_dir=str(d), generations=GENERATIONS, result=str(d) + ".npz",
-         report=str(d) + ".json")
-    report = json.loads(Path(str(d) + ".json").read_text())
+def _result(root, *parts) -> tuple[dict, dict]:
+    path = root.joinpath(*parts)
+    return _load(str(path) + ".npz"), json.loads(Path(str(path) + ".json").read_text())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sharded_run_is_identical_to_unsharded(runs, method):
+    sharded, report = _result(runs, "d8", method)
+    reference, _ = _result(runs, "ref", method)
     assert report["generations"] == GENERATIONS and report["resumed_from"] is None
     # the population really is split over the 8 devices; per-run scalars are replicated
-    assert report["layout"]["['population']['model.layers.0.self_attn.q_proj']['A']"] == [8, "PartitionSpec('pop',)"]
-    assert report["layout"]["['fitness']"] == [8, "PartitionSpec('pop',)"]
-    assert report["layout"]["['generation']"] == [8, "PartitionSpec()"]
-    sharded = _load(str(d) + ".npz")
-    _assert_identical(sharded, unsharded[method])
+    assert report["layout"][POP_A] == [8, ["pop"]]
+    assert report["layout"][".fitness"] == [8, ["pop"]]
+    assert report["layout"][".generation"] == [8, []]
+    _assert_identical(sharded, reference)
     # and the run went somewhere: the best improved over the generations
-    hist = sharded["['history']"]
+    hist = sharded[".history"]
     assert hist[GENERATIONS, 0] > hist[0, 0]
 
 
-@pytest.mark.parametrize("method", ["genome", "genome_plus"])
-def test_checkpoint_saved_on_8_devices_resumes_on_2_and_on_1(tmp_path, unsharded, method):
-    # 8 devices: the first RESUME_AT generations, checkpointed (orbax writes every shard)
-    first = tmp_path / "first"
-    _run("run", 8, method=method, out_dir=str(first), generations=RESUME_AT, result=str(first) + ".npz",
-         report=str(first) + ".json")
-    saved = _load(str(first) + ".npz")
-    for devices in (2, 1):
-        d = tmp_path / f"resume{devices}"
-        d.mkdir()
-        shutil.copytree(first / "checkpoints", d / "checkpoints")
-        _run("run", devices, method=method, out_dir=str(d), generations=GENERATIONS, result=str(d) + ".npz",
-             report=str(d) + ".json", restored=str(d) + "-restored.npz", check_restore=True)
-        report = json.loads(Path(str(d) + ".json").read_text())
-        assert report["restored_step"] == RESUME_AT and report["resumed_from"] == RESUME_AT
-        # restored straight into the new layout: split over the new device count
-        assert report["restored_layout"]["['population']['model.layers.0.self_attn.q_proj']['A']"] == \
-            [devices, "PartitionSpec('pop',)"]
-        _assert_identical(_load(str(d) + "-restored.npz"), saved)
-        # and the continued run ends exactly where the uninterrupted single-device run ended
-        _assert_identical(_load(str(d) + ".npz"), unsharded[method])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("devices", [2, 1])
+def test_checkpoint_saved_on_8_devices_resumes_on_fewer(runs, method, devices):
+    saved, first = _result(runs, "first", method)
+    assert first["layout"][POP_A] == [8, ["pop"]] and first["generations"] == RESUME_AT
+    resumed, report = _result(runs, f"resume{devices}", method)
+    assert report["restored_step"] == RESUME_AT and report["resumed_from"] == RESUME_AT
+    # restored straight into the new layout (an abstract target carrying the shardings): split over the new count
+    assert report["restored_layout"][POP_A] == [devices, ["pop"]]
+    assert report["layout"][POP_A] == [devices, ["pop"]]
+    _assert_identical(_load(str(runs / f"resume{devices}" / method) + "-restored.npz"), saved)
+    # and the continued run ends exactly where the uninterrupted single-device run ended
+    _assert_identical(resumed, _result(runs, "ref", method)[0])
+
+
+def test_population_must_split_evenly(runs):
+    out = json.loads((runs / "errors.json").read_text())
+    assert out["indivisible"] == ("population size 10 does not split over 8 devices; use a multiple of 8 "
+                                  "(or fewer devices, e.g. 2)")
+    assert out["too_many"] == "--devices 9: this job has 8 device(s)"
+    assert out["mesh4"] == 4
 
 
 def _free_port() -> int:
@@ -251,29 +274,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_of_four_devices_match_one_device(tmp_path):
+def test_two_processes_of_four_devices_match_one_device(runs, tmp_path):
     """Multi-host in miniature: jax.distributed over 2 local processes (4 CPU devices each, gloo collectives)."""
-    ref = tmp_path / "ref"
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [_child("operators", 0, method="genome", result=str(ref) + ".npz", report=str(ref) + ".json")]
     mp = tmp_path / "mp"
-    for pid in range(2):
-        procs.append(_child("operators", 4, method="genome", result=str(mp) + ".npz", report=str(mp) + ".json",
-                            processes=2, process_id=pid, coordinator=coordinator))
-    _wait(*procs)
+    _wait(*[_child("operators", 4, method="genome", result=str(mp) + ".npz", report=str(mp) + ".json",
+                   processes=2, process_id=pid, coordinator=coordinator) for pid in range(2)])
     report = json.loads(Path(str(mp) + ".json").read_text())
     assert (report["processes"], report["devices"], report["local_devices"]) == (2, 8, 4)
-    assert report["layout"]["['population']['model.layers.0.self_attn.q_proj']['A']"] == [8, "PartitionSpec('pop',)"]
-    _assert_identical(_load(str(mp) + ".npz"), _load(str(ref) + ".npz"))
-
-
-def test_population_must_split_evenly(tmp_path):
-    _run("errors", 8, report=str(tmp_path / "e.json"))
-    out = json.loads((tmp_path / "e.json").read_text())
-    assert out["indivisible"] == ("population size 10 does not split over 8 devices; use a multiple of 8 "
-                                  "(or fewer devices, e.g. 2)")
-    assert out["too_many"] == "--devices 9: this job has 8 device(s)"
-    assert out["mesh4"] == 4
+    assert report["layout"][POP_A] == [8, ["pop"]]
+    _assert_identical(_load(str(mp) + ".npz"), _result(runs, "ref", "loop")[0])
 
 
 def test_layout_rules_in_process():
@@ -300,5 +310,12 @@ def test_layout_rules_in_process():
     assert not sharding.initialize_distributed()  # no cluster configured: a no-op
 
 
+def child_batch(a: dict) -> None:
+    """Several jobs in one process (JAX starts once per device count: the slow part of every child)."""
+    for job in a["jobs"]:
+        {"run": child_run, "operators": child_operators, "errors": child_errors}[job["kind"]](dict(job, devices=a["devices"]))
+
+
 if __name__ == "__main__":
-    {"run": child_run, "operators": child_operators, "errors": child_errors}[sys.argv[1]](json.loads(sys.argv[2]))
+    {"run": child_run, "operators": child_operators, "errors": child_errors, "batch": child_batch}[sys.argv[1]](
+        json.loads(sys.argv[2]))

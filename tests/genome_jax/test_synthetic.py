@@ -87,10 +87,11 @@ def test_driver_resumes_to_the_same_result(tmp_path, method):
     assert rest.resumed_from == 3 and rest.generations == 6
     assert _tree_bytes(rest.state) == _tree_bytes(full.state)
     assert _tree_bytes(rest.best) == _tree_bytes(full.best)
-    # elites/copies were not re-scored: fewer evaluations than children
+    # empty slots are never scored; in GENOME the elites are not re-scored either
     from genome_jax.strategies import get_strategy
 
-    assert rest.evaluations < 3 * get_strategy(method).num_children(PARAMS)
+    n_children = 3 * get_strategy(method).num_children(PARAMS)
+    assert rest.evaluations < n_children if method == "genome" else rest.evaluations <= n_children
     # finished: running again does nothing and changes nothing
     again = synthetic.run_synthetic(tmp_path / "part", PARAMS, seed=5, generations=6, experts=EXPERTS, method=method)
     assert again.evaluations == 0 and _tree_bytes(again.state) == _tree_bytes(full.state)

@@ -85,7 +85,11 @@ def test_run_writes_every_report(finished_run):
     assert result["generations"] == 12 and result["stopped_early"] is False and result["test"] is None
     assert result["best"]["dev_fitness"] == pytest.approx(best_ever[-1], abs=1e-6)
     assert "TEST PROBLEM" in result["problem"]
-    assert set(result["timings_s"]) >= {"operators", "scoring", "checkpoint", "total"}
+    t = result["timings_s"]
+    assert set(t) == {"load", "evaluator_start", "evolution", "final", "total"}
+    assert set(t["evolution"]) >= {"operators", "scoring", "checkpoint", "total"}
+    assert sum(v for k, v in t["evolution"].items() if k != "total") <= t["evolution"]["total"] + 1e-3
+    assert t["evolution"]["total"] + t["final"]["total"] <= t["total"] + 1e-3
     png = (out / "fitness.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

@@ -69,13 +69,13 @@ def test_params_are_hashable_and_recordable():
 
 def test_initial_population_pairs_distinct_experts_with_random_weights():
     pop = initial_population(jax.random.PRNGKey(3), EXPERTS, 6, params=PARAMS)
-    # each individual's factors are w * expert_i + (1 - w) * expert_j for some i != j, w in (0, 1)
+    # each individual's factors mix exactly two distinct experts with positive weights
     a_ind = np.asarray(pop["model.layers.0.self_attn.q_proj"]["A"]).reshape(6, -1)
     a_exp = np.asarray(EXPERTS["model.layers.0.self_attn.q_proj"]["A"]).reshape(4, -1)
     for x in a_ind:
         coef, *_ = np.linalg.lstsq(a_exp.T, x, rcond=None)
         nz = np.flatnonzero(np.abs(coef) > 1e-4)
-        assert len(nz) == 2 and abs(coef.sum() - 1) < 1e-4 and np.all(coef[nz] > 0), coef
+        assert len(nz) == 2 and np.all(coef[nz] > 0), coef
     same = initial_population(jax.random.PRNGKey(3), EXPERTS, 4, params=PARAMS, init_merge=False)
     for x, y in zip(_leaves(same), _leaves(EXPERTS)):
         np.testing.assert_array_equal(x, y)
@@ -171,3 +171,30 @@ def test_genome_improves_the_synthetic_problem():
     h = np.asarray(state.history)
     assert h[15, 0] > h[0, 0] + 0.03, h[[0, 15]]  # best
     assert h[15, 1] > h[0, 1] + 0.1, h[[0, 15]]  # mean
+
+
+def test_parent_weights_modes():
+    from genome_jax.strategies.common import parent_weights
+
+    pf = jnp.asarray([[0.2, 0.6], [-1.0, -3.0], [jnp.nan, 0.5], [0.0, 0.0]])
+    np.testing.assert_allclose(np.asarray(parent_weights(None, pf, "equal")), 0.5)
+    np.testing.assert_allclose(np.asarray(parent_weights(None, pf, "fitness")),
+                               [[0.25, 0.75], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], atol=1e-6)
+    w = np.asarray(parent_weights(jax.random.PRNGKey(0), jnp.zeros((500, 3)), "random"))
+    np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-6)
+    assert np.all(w > 0) and w.std() > 0.1
+
+
+def test_svd_mutation_inside_a_generation():
+    params = StrategyParams(population_size=8, cross="linear", combine="linear", mutation="svd", cross_rate=0.0,
+                            individual_mutation_rate=1.0, gene_mutation_rate=1.0, sigma=0.2, elite_percent=0.25,
+                            max_generations=3)
+    state = _start(params)
+    children, asked, fit, told = _generation(state, params)
+    src = np.asarray(asked.child_source)
+    assert np.all(src[2:] == -1)  # every bred child was mutated
+    assert np.all(np.isfinite(np.asarray(told.fitness)))
+    m = "model.layers.0.self_attn.q_proj"
+    for i in range(2, 8):  # ΔW of a mutated child stays in its parent's singular subspaces (rank <= r)
+        w = np.asarray(children[m]["B"][i]) @ np.asarray(children[m]["A"][i])
+        assert np.linalg.matrix_rank(w, tol=1e-4) <= 4

@@ -1,0 +1,111 @@
+"""`genome bench trainer`: tokens/s of the optax LoRA train step (genome_jax.models.trainer.train_step) next to a
+PyTorch + PEFT train step of the same shape, measured in the same run on the same packed batches.
+
+Same work on both sides: fp32 SmolLM2, LoRA rank r on the same target modules (scale alpha/r), forward over
+R rows x T tokens, the output projection and cross-entropy only at the answer positions, AdamW on the LoRA factors.
+The JAX step also applies the packed-segment mask (torch gets plain causal attention: a little less work).
+Steps alternate JAX / torch so load changes on a shared machine hit both; medians are reported.
+Ends with one line: `trainer-throughput: jax=<tokens/s> torch=<tokens/s> ratio=<jax/torch>`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from genome_jax.models.trainer import DEMO_CONFIG as D
+
+    p.add_argument("--model_path", default=None)
+    p.add_argument("--task", default="mmlu", help="task whose training examples fill the batches")
+    p.add_argument("--rank", type=int, default=D.rank)
+    p.add_argument("--batch_rows", type=int, default=D.batch_rows)
+    p.add_argument("--seq_len", type=int, default=D.seq_len)
+    p.add_argument("--targets", nargs="+", default=list(D.targets))
+    p.add_argument("--reps", type=int, default=5, help="timed steps per side (after 1 warm-up step each)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evaluators.tasks.base import get_task
+    from genome_jax.models import llama, trainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_path = args.model_path
+    if model_path is None:
+        from genome_jax.model_store import default_model_path
+
+        model_path = default_model_path()
+    model_path = os.fspath(model_path)
+    cfg = trainer.TrainConfig(rank=args.rank, alpha=2.0 * args.rank, targets=tuple(args.targets),
+                              steps=args.reps + 2, warmup_steps=1, batch_rows=args.batch_rows, seq_len=args.seq_len)
+    tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    examples = trainer.task_examples(get_task(args.task, formatter=model_path), "test", tok, max_len=cfg.seq_len)
+    batches = trainer.packed_batches(examples, cfg, seed=0)
+    data = [next(batches) for _ in range(args.reps + 1)]
+
+    # JAX
+    config, params = llama.load_params(model_path)
+    lora = trainer.init_lora(jax.random.key(0), config, cfg)
+    opt_state = trainer.make_optimizer(cfg).init(lora)
+
+    def jax_step(b):
+        nonlocal lora, opt_state
+        lora, opt_state, loss = trainer.train_step(lora, opt_state, params, trainer._device_batch(b),
+                                                   config=config, cfg=cfg)
+        return float(loss)
+
+    # PyTorch + PEFT
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, local_files_only=True)
+    pm = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets),
+                                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"))
+    pm.train()
+    inner = pm.base_model.model  # LlamaForCausalLM with LoRA layers injected
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+
+    def torch_step(b):
+        w = b.tgt_w > 0
+        rows, pos, tgt = (torch.from_numpy(x[w].astype(np.int64)) for x in (b.tgt_row, b.tgt_pos, b.tgt_tok))
+        h = inner.model(input_ids=torch.from_numpy(b.tokens.astype(np.int64)),
+                        position_ids=torch.from_numpy(b.positions.astype(np.int64))).last_hidden_state
+        logits = inner.lm_head(h[rows, pos])
+        loss = torch.nn.functional.cross_entropy(logits, tgt)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in pm.parameters() if p.requires_grad], cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    tokens = cfg.batch_rows * cfg.seq_len  # both sides process every position of every row
+    print(f"shape: {cfg.batch_rows} rows x {cfg.seq_len} tokens, LoRA r={cfg.rank} on {','.join(cfg.targets)}, "
+          f"{args.reps} timed steps per side; torch threads {torch.get_num_threads()}, jax devices "
+          f"{jax.devices()}", file=sys.stderr)
+    t0 = time.perf_counter()
+    jax_step(data[0])
+    print(f"jax warm-up (compile) step: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    torch_step(data[0])
+    tj, tt = [], []
+    for b in data[1:]:
+        t0 = time.perf_counter()
+        jax_step(b)
+        tj.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        torch_step(b)
+        tt.append(time.perf_counter() - t0)
+        print(f"  step: jax {tj[-1]:.2f}s  torch {tt[-1]:.2f}s", file=sys.stderr)
+    jx, th = tokens / statistics.median(tj), tokens / statistics.median(tt)
+    real = statistics.mean(int((b.segments > 0).sum()) for b in data[1:]) / tokens
+    print(f"median step: jax {statistics.median(tj):.2f}s, torch+peft {statistics.median(tt):.2f}s "
+          f"({real:.0%} of the row positions are real tokens, the rest padding)")
+    print(f"trainer-throughput: jax={jx:.1f} torch={th:.1f} ratio={jx / th:.2f}")
+    return 0

@@ -1,0 +1,107 @@
+"""`genome eval`: score adapters (or the base model) on tasks and print a JSON object of per-task scores.
+
+    genome eval --model_path M [--adapter DIR ...] --tasks gsm8k mmlu --split dev|test [--n N]
+                [--scoring generate|choice_logprob] [--endpoints http://host:port ...] [--eval_mode auto|swap|lora]
+
+Without --adapter the base model is scored. The scores go to stdout as JSON; progress and notes go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model_path", default=None,
+                        help="base model folder (HF checkpoint); default: the cached SmolLM2-135M-Instruct")
+    parser.add_argument("--adapter", nargs="+", default=[], metavar="DIR",
+                        help="PEFT adapter folder(s) to score (default: the base model only)")
+    parser.add_argument("--base", action="store_true", help="also score the base model when adapters are given")
+    parser.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
+                        help="task names (gsm8k, mmlu, ...) or paths to task .json files")
+    parser.add_argument("--split", default="dev", choices=("dev", "test"))
+    parser.add_argument("--n", type=int, default=None, help="first N items of the split (default: all)")
+    parser.add_argument("--scoring", default=None, choices=("generate", "choice_logprob"),
+                        help="scoring mode for tasks that offer it (default: each task's own default)")
+    parser.add_argument("--task_weights", type=float, nargs="+", default=None,
+                        help="weights of the tasks in the fitness (default: equal)")
+    parser.add_argument("--data_dir", default=None, help="folder holding <task>.json (default: the shipped copies)")
+    parser.add_argument("--max_tokens", type=int, default=None, help="generation length for generate mode")
+    parser.add_argument("--endpoints", nargs="+", default=None, metavar="URL",
+                        help="external OpenAI-compatible vLLM servers instead of the managed local worker")
+    parser.add_argument("--eval_mode", default="auto", choices=("auto", "swap", "lora"),
+                        help="managed worker: swap = W+ΔW pushed into the engine (CPU default), "
+                             "lora = multi-LoRA, all in flight (GPU default)")
+    parser.add_argument("--max_lora_rank", type=int, default=16, help="adapters above this rank are refused")
+    parser.add_argument("--max_loras", type=int, default=8, help="LoRA slots of the engine (lora mode)")
+    parser.add_argument("--dtype", default=None, help="engine dtype (default: float32 for swap, the model's for lora)")
+    parser.add_argument("--cache_dir", default=None, help="persist the result cache here (default: memory only)")
+    parser.add_argument("--details", action="store_true", help="include per-sample predictions in the JSON")
+
+
+def _tasks(args, model_path: str) -> list:
+    from evaluators.tasks import GenerationConfig, get_task
+
+    gen = GenerationConfig(max_tokens=args.max_tokens) if args.max_tokens else None
+    out = []
+    for name in args.tasks:
+        task = get_task(name, data_dir=args.data_dir, formatter=model_path, generation=gen)
+        if args.scoring and args.scoring != task.mode:
+            if args.scoring in task.modes:
+                task = get_task(name, data_dir=args.data_dir, formatter=model_path, generation=gen, mode=args.scoring)
+            else:
+                sys.stderr.write(f"genome: note: task '{task.name}' has no {args.scoring} mode; using {task.mode}\n")
+        out.append(task)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from evaluators.backends import make_evaluator
+    from evaluators.errors import UserError
+    from evaluators.tasks import normalize_weights
+
+    if args.model_path is None:
+        from genome_jax.model_store import default_model_path
+
+        args.model_path = str(default_model_path())
+    model_path = os.path.expanduser(args.model_path)
+    if args.n is not None and args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    tasks = _tasks(args, model_path)
+    weights, note = normalize_weights(args.task_weights, len(tasks), [t.name for t in tasks])
+    if note:
+        sys.stderr.write(f"genome: note: {note}\n")
+    adapters: list[str | None] = list(args.adapter) or [None]
+    if args.adapter and args.base:
+        adapters = [None] + adapters
+    kwargs = {} if args.endpoints else {"dtype": args.dtype}
+    ev = make_evaluator(model_path, endpoints=args.endpoints, eval_mode=args.eval_mode,
+                        max_lora_rank=args.max_lora_rank, max_loras=args.max_loras, cache_dir=args.cache_dir,
+                        progress=True, **kwargs)
+    try:
+        ev.check_adapters(adapters)  # bad folders / ranks fail before the engine starts
+        results = ev.evaluate(adapters, tasks, args.split, args.n)
+        info = getattr(ev.backend, "info", None) or {}
+    finally:
+        ev.close()
+    out = {
+        "model_path": model_path,
+        "split": args.split,
+        "n": args.n,
+        "backend": "endpoints" if args.endpoints else "managed",
+        "eval_mode": info.get("mode", "lora" if args.endpoints else args.eval_mode),
+        "dtype": info.get("dtype"),
+        "modes": {t.name: t.mode for t in tasks},
+        "scores": {},
+        "fitness": {},
+    }
+    for r in results:
+        name = "base" if r.adapter is None else r.adapter
+        out["scores"][name] = r.scores
+        out["fitness"][name] = r.fitness(weights)
+        if args.details:
+            out.setdefault("details", {})[name] = {k: v.to_json() for k, v in r.tasks.items()}
+    print(json.dumps(out, indent=2))
+    return 0

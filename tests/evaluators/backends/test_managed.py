@@ -1,0 +1,151 @@
+"""The managed vLLM worker on the real engine: weight swap == multi-LoRA == transformers+peft, the result cache,
+rank refusal, and fault detection (a hung worker and a killed worker). All engine tests share ONE worker
+(conftest.managed_worker); the test that kills it comes last in this file."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+
+from evaluators.errors import EvaluatorCrashed, UserError
+from evaluators.protocol import ChoiceResponse, GenerateRequest, GenerateResponse
+
+pytestmark = pytest.mark.slow
+
+
+def _jobs(adapters, reqs):
+    from evaluators.backends.peft_folder import content_hash
+
+    return [(a, None if a is None else content_hash(a), reqs) for a in [None, *adapters]]
+
+
+@pytest.fixture(scope="module")
+def swap_answers(managed_worker, backend_adapters, backend_requests):
+    res, timing = managed_worker.answer(_jobs(backend_adapters, backend_requests), mode="swap")
+    assert timing["swap_s"] > 0 and len(timing["per_job"]) == 3
+    return res
+
+
+def test_swap_equals_lora_path(managed_worker, backend_adapters, backend_requests, swap_answers):
+    lora, timing = managed_worker.answer(_jobs(backend_adapters, backend_requests), mode="lora")
+    assert timing["lora_load_s"] > 0
+    for ind, (s, l) in enumerate(zip(swap_answers, lora)):
+        for req, a, b in zip(backend_requests, s, l):
+            if isinstance(req, GenerateRequest):
+                assert a.text == b.text and a.text, (ind, a, b)  # same greedy output
+            else:
+                assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4), (ind, req.options)
+    # the adapters change the answers (the comparison above is not base vs base)
+    assert max(abs(x - y) for x, y in zip(swap_answers[0][0].logprobs, swap_answers[1][0].logprobs)) > 0.05
+    assert swap_answers[0][0] != swap_answers[2][0]
+
+
+def test_swap_equals_transformers_peft_reference(model_path, smollm2_fp32, smollm2_tokenizer, backend_adapters,
+                                                 backend_requests, swap_answers):
+    """The correctness anchor: every answer of the swap path equals plain transformers (+ peft) in fp32, including
+    an option far outside the top-20 (" zebra") and multi-token options."""
+    from peft import PeftModel
+
+    from evaluators.reference import answer_with_transformers
+
+    zebra = backend_requests[3]
+    assert " zebra" in zebra.options
+    for adapter, got in zip([None, *backend_adapters], swap_answers):
+        model = smollm2_fp32 if adapter is None else PeftModel.from_pretrained(smollm2_fp32, adapter)
+        try:
+            ref = answer_with_transformers(str(model_path), backend_requests, _loaded=(model, smollm2_tokenizer))
+        finally:
+            if adapter is not None:
+                model.unload()
+        for req, a, b in zip(backend_requests, got, ref):
+            if isinstance(b, GenerateResponse):
+                assert a.text == b.text, adapter
+            else:
+                assert a.logprobs == pytest.approx(b.logprobs, abs=2e-3), (adapter, req.options)
+        assert got[3].logprobs[1] < -10  # " zebra" really is far outside the top-k
+
+
+def test_cache_hit_skips_scoring(model_path, managed_worker, backend_adapters, tmp_path):
+    from evaluators.backends.base import Evaluator
+    from evaluators.tasks import get_task
+
+    task = get_task("arc_c", formatter=str(model_path))
+    ev = Evaluator(managed_worker, model=str(model_path))  # shares the session's worker; never closed here
+    first = ev.evaluate([backend_adapters[0], None], [task], "dev", 2)
+    assert ev.backend_calls == 1 and not any(r.cached for r in first)
+    copy = str(tmp_path / "elite")  # an elite re-exported to a new folder: same bytes, same key
+    shutil.copytree(backend_adapters[0], copy)
+    again = ev.evaluate([copy, None], [task], "dev", 2)
+    assert ev.backend_calls == 1 and all(r.cached for r in again)
+    assert [r.tasks[task.name] for r in again] == [r.tasks[task.name] for r in first]
+    # a changed split size is a different key; only what is missing is scored
+    ev.evaluate([copy], [task], "dev", 1)
+    assert ev.backend_calls == 2 and ev.last_timing["jobs"] == 1
+
+
+def test_rank_above_max_lora_rank_is_refused_before_any_work(model_path, managed_worker, make_peft_adapter,
+                                                             tmp_path):
+    from evaluators.backends.base import Evaluator
+    from evaluators.tasks import get_task
+
+    big = make_peft_adapter(tmp_path / "r32", rank=32, alpha=32)
+    ev = Evaluator(managed_worker, model=str(model_path), max_lora_rank=16)
+    with pytest.raises(UserError, match=r"r32: LoRA rank 32 is above max_lora_rank=16"):
+        ev.evaluate([None, str(big)], [get_task("arc_c", formatter=str(model_path))], "dev", 1)
+    assert ev.backend_calls == 0
+
+
+def test_hung_worker_is_detected(model_path, tmp_path):
+    """A worker that stops answering (SIGSTOP, during its start) is declared hung after stall_timeout_s and killed."""
+    from evaluators.backends.managed import ManagedBackend
+
+    b = ManagedBackend(str(model_path), stall_timeout_s=4, heartbeat_s=0.5, log_path=str(tmp_path / "w.log"))
+    err: list = []
+    th = threading.Thread(target=lambda: err.append(pytest.raises(EvaluatorCrashed, b.start)), daemon=True)
+    th.start()
+    deadline = time.monotonic() + 30
+    while b.proc is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = b.proc.pid
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    th.join(60)
+    assert not th.is_alive() and time.monotonic() - t0 < 30
+    assert "sent nothing" in str(err[0].value)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert b.proc is None
+
+
+def test_killed_worker_is_detected_and_engine_survives(managed_worker, backend_adapters, backend_requests):
+    """SIGKILL the worker mid-scoring: the call fails fast with EvaluatorCrashed (no retry by default), this process
+    lives on, nothing of the worker's process group is left. Runs last: it ends the session's worker."""
+    gen = [GenerateRequest(prompt=r.prompt, max_tokens=200) for r in backend_requests if isinstance(r, GenerateRequest)]
+    jobs = _jobs(backend_adapters, gen * 4)
+    pid = managed_worker.proc.pid
+    box: dict = {}
+
+    def call():
+        try:
+            managed_worker.answer(jobs, mode="swap")
+        except BaseException as e:  # noqa: BLE001
+            box["err"] = e
+
+    th = threading.Thread(target=call, daemon=True)
+    th.start()
+    time.sleep(3.0)  # the worker is scoring by now
+    assert th.is_alive()
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    th.join(60)
+    assert not th.is_alive() and time.monotonic() - t0 < 15
+    assert isinstance(box.get("err"), EvaluatorCrashed)
+    assert "killed by signal 9" in str(box["err"])
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # the whole process group is gone
+    assert managed_worker.proc is None  # the next call would start a fresh worker
