@@ -616,6 +616,11 @@ def _test_report(cfg: RunConfig, state, experts, e_best: int, scorer: LLMScorer,
     out: dict[str, Any] = {}
     out["best"] = summary(test[0])
     out["best_initial_expert"] = summary(test[1])
+    out["unseen_tasks"] = unseen_names
+    out["n_test"] = {t.name: len(test[0][t.name].predictions) for t in scorer.report_tasks}
+    out["ensembles"] = []
+    if not top:  # no individual of the final population has a finite fitness: nothing to ensemble
+        return out
     # ensembles: ranking from DEV results of the members (served by the result cache), never from test
     top_factors = jax.tree_util.tree_map(lambda a: a[np.asarray(top)], pop)
     dev = scorer.evaluate(top_factors, meta, names[2:], scorer.fit_tasks, "dev", cfg.n_dev, timer, desc="dev ranking")
@@ -632,8 +637,6 @@ def _test_report(cfg: RunConfig, state, experts, e_best: int, scorer: LLMScorer,
                     "vote": {t: e.vote[j] for t, e in {**report.per_task, **unseen}.items()}})
     out["ensembles"] = ens
     out["ensemble_rule"] = "top-k by dev fitness; averaged option probabilities for choice_logprob tasks, else majority vote"
-    out["unseen_tasks"] = unseen_names
-    out["n_test"] = {t.name: len(test[0][t.name].predictions) for t in scorer.report_tasks}
     out["n_dev"] = {t.name: len(dev[0][t.name].predictions) for t in scorer.fit_tasks}
     return out
 
