@@ -15,6 +15,7 @@ used (`restore_latest`). The writer also deletes such bad steps so the resumed r
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -111,6 +112,25 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+# ---- storage errors ----
+
+_STORAGE = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+@contextlib.contextmanager
+def _storage_errors(directory: Path):
+    """A full disk (or quota, or file size limit) while orbax writes: one UserError line instead of its nested
+    tensorstore message. orbax never finalises a step it could not write, so the steps saved before stay intact."""
+    try:
+        yield
+    except Exception as e:
+        cause = next((c for c in _STORAGE if c in str(e)), None)
+        if cause is None:
+            raise
+        raise UserError(f"{directory}: cannot write a checkpoint: {cause}; the steps saved before are intact: "
+                        "free some space and rerun the same command to resume") from None
+
+
 # ---- orbax ----
 
 def _manager(directory: Path, *, keep: int, async_save: bool, read_only: bool = False) -> ocp.CheckpointManager:
@@ -145,7 +165,8 @@ def _restore_with_fallback(mgr: ocp.CheckpointManager, directory: Path, target) 
             if wrong:
                 raise ValueError(f"checksum mismatch in {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
         except Exception as e:  # any failure to read a step means: try the one before it
-            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            msg = f"{type(e).__name__}: {first[:300]}{'...' if len(first) > 300 else ''}"  # tensorstore errors are long
             log.warning("checkpoint step %d in %s is corrupt or incomplete (%s); falling back to an earlier step",
                         step, directory, msg)
             bad.append(step)
@@ -198,7 +219,11 @@ class RunCheckpointer:
         for leftover in self.directory.glob(f".{CONFIG_NAME}.tmp*"):
             leftover.unlink(missing_ok=True)
         self._mgr = _manager(self.directory, keep=keep, async_save=async_save)
-        self._check_config()
+        try:
+            self._check_config()
+        except BaseException:
+            self._mgr.close()
+            raise
 
     # -- config --
     def _check_config(self) -> None:
@@ -211,7 +236,6 @@ class RunCheckpointer:
                 raise UserError(f"{path}: unreadable run config ({e})") from None
             diffs = config_differences(saved, self.config)
             if diffs and has_steps:
-                self._mgr.close()
                 raise UserError(
                     f"{self.directory} holds checkpoints of a different run config (differing keys: "
                     f"{'; '.join(diffs)}); use another output directory or the same settings"
@@ -219,14 +243,14 @@ class RunCheckpointer:
             if not diffs:
                 return
         elif has_steps:
-            self._mgr.close()
             raise UserError(f"{self.directory} holds checkpoints but no {CONFIG_NAME}; refusing to resume an unknown run")
         _write_json_atomic(path, self.config)  # fresh directory (or one that never completed a step)
 
     # -- steps --
     @property
     def steps(self) -> list[int]:
-        self._mgr.wait_until_finished()
+        with _storage_errors(self.directory):
+            self._mgr.wait_until_finished()
         self._mgr.reload()
         return sorted(self._mgr.all_steps())
 
@@ -237,11 +261,12 @@ class RunCheckpointer:
     def save(self, step: int, state, extra: Mapping[str, Any] | None = None) -> None:
         """Save `state` as `step` (asynchronous; returns once the arrays are on host)."""
         meta = {"step": int(step), "checksums": state_checksums(state), "extra": _normalise(extra or {})}
-        self._mgr.save(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
+        with _storage_errors(self.directory):  # raised here when the previous (asynchronous) save failed
+            self._mgr.save(
+                int(step),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
 
     def restore_latest(self, target_state) -> Restored | None:
         """Like the module-level `restore_latest`, and deletes the bad newer steps so saving can go on."""
@@ -258,12 +283,14 @@ class RunCheckpointer:
 
     def wait(self) -> None:
         """Block until the in-flight save is on disk."""
-        self._mgr.wait_until_finished()
+        with _storage_errors(self.directory):
+            self._mgr.wait_until_finished()
 
     def close(self) -> None:
         """Wait for the in-flight save, then release orbax's threads."""
         try:
-            self._mgr.wait_until_finished()
+            with _storage_errors(self.directory):
+                self._mgr.wait_until_finished()
         finally:
             self._mgr.close()
 

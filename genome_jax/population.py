@@ -393,11 +393,19 @@ def _write_folder_atomic(out: Path, config: dict, tensors: dict[str, np.ndarray]
         if stray or (any(out.iterdir()) and not (out / CONFIG_NAME).exists()):
             raise UserError(f"{out}: exists and is not an adapter folder (holds {stray[:3] or 'no config'}); "
                             f"refusing to overwrite it")
+    from safetensors import SafetensorError
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"{out}: cannot write the adapter ({e.strerror or e})") from None
+    try:
+        try:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        except (OSError, SafetensorError) as e:  # disk full, quota, file size limit: one clear line, no half folder
+            raise UserError(f"{out}: cannot write the adapter ({getattr(e, 'strerror', None) or e})") from None
         os.chmod(tmp, 0o755)
         faults.point("adapter_temp_written")
         if out.exists():

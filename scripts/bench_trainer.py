@@ -1,8 +1,10 @@
 """`genome bench trainer`: tokens/s of the optax LoRA train step (genome_jax.models.trainer.train_step) next to a
 PyTorch + PEFT train step of the same shape, measured in the same run on the same packed batches.
 
-Same work on both sides: fp32 SmolLM2, LoRA rank r on the same target modules (scale alpha/r), forward over
-R rows x T tokens, the output projection and cross-entropy only at the answer positions, AdamW on the LoRA factors.
+Same work on both sides: SmolLM2 in the same compute dtype (--dtype; bfloat16 = JAX bf16 base weights vs torch
+autocast bf16; LoRA factors and AdamW state float32 on both), LoRA rank r on the same target modules (scale
+alpha/r), forward over R rows x T tokens, the output projection and cross-entropy only at the answer positions,
+AdamW on the LoRA factors.
 The JAX step also applies the packed-segment mask (torch gets plain causal attention: a little less work).
 Steps alternate JAX / torch so load changes on a shared machine hit both; medians are reported.
 Ends with one line: `trainer-throughput: jax=<tokens/s> torch=<tokens/s> ratio=<jax/torch>`.
@@ -27,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", nargs="+", default=list(D.targets))
     p.add_argument("--reps", type=int, default=5, help="timed steps per side (after 1 warm-up step each)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--dtype", default=D.dtype, choices=("float32", "bfloat16"),
+                   help="compute dtype of both sides (bfloat16: JAX bf16 base weights, torch autocast bf16; the "
+                        "LoRA factors and optimizer state stay float32 on both)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,14 +53,15 @@ def run(args: argparse.Namespace) -> int:
         model_path = default_model_path()
     model_path = os.fspath(model_path)
     cfg = trainer.TrainConfig(rank=args.rank, alpha=2.0 * args.rank, targets=tuple(args.targets),
-                              steps=args.reps + 2, warmup_steps=1, batch_rows=args.batch_rows, seq_len=args.seq_len)
+                              steps=args.reps + 2, warmup_steps=1, batch_rows=args.batch_rows, seq_len=args.seq_len,
+                              dtype=args.dtype)
     tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     examples = trainer.task_examples(get_task(args.task, formatter=model_path), "test", tok, max_len=cfg.seq_len)
     batches = trainer.packed_batches(examples, cfg, seed=0)
     data = [next(batches) for _ in range(args.reps + 1)]
 
     # JAX
-    config, params = llama.load_params(model_path)
+    config, params = llama.load_params(model_path, dtype=jax.numpy.dtype(cfg.dtype))
     lora = trainer.init_lora(jax.random.key(0), config, cfg)
     opt_state = trainer.make_optimizer(cfg).init(lora)
 
@@ -76,18 +82,19 @@ def run(args: argparse.Namespace) -> int:
     def torch_step(b):
         w = b.tgt_w > 0
         rows, pos, tgt = (torch.from_numpy(x[w].astype(np.int64)) for x in (b.tgt_row, b.tgt_pos, b.tgt_tok))
-        h = inner.model(input_ids=torch.from_numpy(b.tokens.astype(np.int64)),
-                        position_ids=torch.from_numpy(b.positions.astype(np.int64))).last_hidden_state
-        logits = inner.lm_head(h[rows, pos])
-        loss = torch.nn.functional.cross_entropy(logits, tgt)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            h = inner.model(input_ids=torch.from_numpy(b.tokens.astype(np.int64)),
+                            position_ids=torch.from_numpy(b.positions.astype(np.int64))).last_hidden_state
+            logits = inner.lm_head(h[rows, pos])
+        loss = torch.nn.functional.cross_entropy(logits.float(), tgt)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in pm.parameters() if p.requires_grad], cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     tokens = cfg.batch_rows * cfg.seq_len  # both sides process every position of every row
-    print(f"shape: {cfg.batch_rows} rows x {cfg.seq_len} tokens, LoRA r={cfg.rank} on {','.join(cfg.targets)}, "
+    print(f"shape: {cfg.batch_rows} rows x {cfg.seq_len} tokens, {cfg.dtype}, LoRA r={cfg.rank} on {','.join(cfg.targets)}, "
           f"{args.reps} timed steps per side; torch threads {torch.get_num_threads()}, jax devices "
           f"{jax.devices()}", file=sys.stderr)
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 Each server must run with LoRA enabled and runtime adapter updates allowed:
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve MODEL --enable-lora --max-lora-rank 16 --max-loras 8
 and must see the adapter folders at the same paths (same machine or a shared file system). Individuals are spread
-over the servers through one shared work queue (`per_endpoint` individuals in flight on each server); per individual:
+over the servers (each to the least busy one, `per_endpoint` individuals in flight on each server); per individual:
 POST /v1/load_lora_adapter, one /v1/completions call per group of like requests (a list of token-id prompts, so
 the server batches them), POST /v1/unload_lora_adapter. Choice options are scored exactly as in the managed worker
 (`worker.choice_nodes`: one forward per node of the options' token trie, `logprob_token_ids` for the next tokens;
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import queue
 import threading
 import urllib.error
 import urllib.request
@@ -34,6 +33,7 @@ class Endpoint:
         self.timeout_s = timeout_s
         self._tok_cache: dict[tuple[str, bool], list[int]] = {}
         self.base_model = None
+        self.jobs_done = 0  # individuals scored on this server (all calls)
 
     def call(self, method: str, path: str, body: dict | None = None, timeout_s: float | None = None):
         data = None if body is None else json.dumps(body).encode()
@@ -166,42 +166,65 @@ class EndpointsBackend:
         if mode not in (None, "auto", "lora"):
             raise UserError(f"--eval_mode {mode} is not available with --endpoints (servers use multi-LoRA)")
         self._connect()
-        work: queue.Queue = queue.Queue()
-        for j, job in enumerate(jobs):
-            work.put((j, job))
         results: list = [None] * len(jobs)
-        errors: list[BaseException] = []
         done = [0]
-        lock = threading.Lock()
+        # base-model jobs first, on their own: on a CPU server a base request batched with LoRA requests is
+        # computed with the last LoRA slot's adapter (vLLM's CPU kernels index slots with the no-LoRA id -1)
+        for phase in ([j for j, job in enumerate(jobs) if job[0] is None],
+                      [j for j, job in enumerate(jobs) if job[0] is not None]):
+            if phase:
+                self._run_phase(jobs, phase, results, done, timeout_s, on_progress)
+        return results, {"jobs_per_endpoint": [e.jobs_done for e in self.endpoints]}
 
-        def run(ep: Endpoint) -> None:
-            while not errors:
-                try:
-                    j, (adapter, _key, reqs) = work.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    results[j] = self._job(ep, adapter, reqs)
-                except BaseException as e:  # first error wins; the other threads stop taking work
-                    errors.append(e)
-                    return
-                with lock:
+    def _run_phase(self, jobs, indices, results, done, timeout_s, on_progress) -> None:
+        """Hand each job to the least busy endpoint (at most `per_endpoint` in flight on each); first error wins."""
+        import time
+
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        eps = self.endpoints
+        inflight = [0] * len(eps)
+        errors: list[BaseException] = []
+        cond = threading.Condition()
+
+        def run(i: int, j: int, adapter, reqs) -> None:
+            try:
+                results[j] = self._job(eps[i], adapter, reqs)
+                ok = True
+            except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+                errors.append(e)
+                ok = False
+            with cond:
+                inflight[i] -= 1
+                if ok:
+                    eps[i].jobs_done += 1
                     done[0] += 1
                     if on_progress:
                         on_progress(done[0])
+                cond.notify_all()
 
-        threads = [threading.Thread(target=run, args=(ep,), daemon=True)
-                   for ep in self.endpoints for _ in range(self.per_endpoint)]
-        for t in threads:
+        def wait_until(pred) -> None:
+            while not pred() and not errors:
+                if deadline is not None and time.monotonic() > deadline:
+                    errors.append(EvaluatorCrashed(f"endpoints did not finish scoring within {timeout_s:.0f}s"))
+                    return
+                cond.wait(timeout=1.0)
+
+        threads = []
+        for j in indices:
+            adapter, _key, reqs = jobs[j]
+            with cond:
+                wait_until(lambda: min(inflight) < self.per_endpoint)
+                if errors:
+                    break
+                i = min(range(len(eps)), key=lambda k: (inflight[k], eps[k].jobs_done))
+                inflight[i] += 1
+            t = threading.Thread(target=run, args=(i, j, adapter, reqs), daemon=True)
             t.start()
-        for t in threads:
-            t.join(timeout_s)
-            if t.is_alive():
-                errors.append(EvaluatorCrashed(f"endpoints did not finish scoring within {timeout_s:.0f}s"))
-                break
+            threads.append(t)
+        with cond:
+            wait_until(lambda: sum(inflight) == 0)
         if errors:
             raise errors[0]
-        return results, {}
 
     def close(self) -> None:
         pass  # the servers belong to the user

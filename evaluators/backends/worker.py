@@ -241,9 +241,25 @@ class Engine:
             raise UserError(f"unknown eval mode {mode!r} (swap or lora)")
         if not self.lora_enabled:
             raise UserError("this evaluator was started without LoRA support; start it with --eval_mode lora")
+        self.swap_to(None)  # restore base weights if a swap left some behind
+        results: list = [None] * len(jobs)
+        # Base-model jobs run in a batch of their own: vLLM's CPU LoRA kernels index the LoRA slots with the
+        # no-LoRA id -1, i.e. the LAST slot, so a base request batched with LoRA requests gets that slot's
+        # adapter whenever it is occupied (measured: the base answers equalled the second adapter's).
+        done = 0
+        for group in ([j for j, job in enumerate(jobs) if job["adapter"] is None],
+                      [j for j, job in enumerate(jobs) if job["adapter"] is not None]):
+            if group:
+                for j, res in zip(group, self._lora_batch([jobs[j] for j in group], timing)):
+                    results[j] = res
+                done += len(group)
+                progress(done)
+        return results, timing
+
+    def _lora_batch(self, jobs: list[dict], timing: dict) -> list:
+        """All requests of all `jobs` in one generate call, each individual's with its LoRARequest."""
         from vllm.lora.request import LoRARequest
 
-        self.swap_to(None)  # restore base weights if a swap left some behind
         prompts, params, loras, spans = [], [], [], []
         ids = []
         t0 = time.perf_counter()
@@ -272,11 +288,7 @@ class Engine:
             timing["lora_load_s"] += time.perf_counter() - t2
         timing["lora_load_s"] += t1 - t0
         timing["generate_s"] += t2 - t1
-        results = []
-        for start, plan in spans:
-            results.append(self.read(outs[start:], plan))
-        progress(len(jobs))
-        return results, timing
+        return [self.read(outs[start:], plan) for start, plan in spans]
 
 
 def serve(engine: Engine, chan: Channel, stdin) -> None:

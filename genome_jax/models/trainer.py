@@ -62,6 +62,7 @@ class TrainConfig:
     max_targets: int = 32  # answer tokens per row (loss positions)
     seed: int = 0
     remat: bool = False
+    dtype: str = "bfloat16"  # base weights + activations; LoRA factors, optimizer state and loss stay float32
 
     def __post_init__(self):
         if self.rank < 1:
@@ -75,6 +76,8 @@ class TrainConfig:
         bad = [t for t in self.targets if t not in llama.LORA_MODULES]
         if bad or not self.targets:
             raise UserError(f"unknown target modules {bad or '(none)'} (choose from {', '.join(llama.LORA_MODULES)})")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise UserError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.batch_rows < 1 or self.seq_len < 8 or self.max_targets < 1:
             raise UserError("batch_rows >= 1, seq_len >= 8 and max_targets >= 1 are required")
 
@@ -338,7 +341,7 @@ def train_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], out
         raise UserError(f"expert names must be unique, got {names}")
     out_dir = Path(out_dir)
     tasks = [_get_task(e, model_path) for e in experts]  # fails fast on unknown tasks
-    config, params = llama.load_params(model_path, dtype=jnp.float32)
+    config, params = llama.load_params(model_path, dtype=jnp.dtype(cfg.dtype))
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(model_path), local_files_only=True)
     factors_list, entries = [], []
     key = jax.random.key(cfg.seed)
@@ -373,6 +376,9 @@ def train_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], out
     export_population(pop, out_dir)
     result = {"model_path": os.fspath(model_path), "config": _cfg_json(cfg), "experts": entries}
     if eval_n > 0:
+        if cfg.dtype != "float32":  # score in float32, as the reference scorers do
+            del params
+            config, params = llama.load_params(model_path, dtype=jnp.float32)
         result["eval"] = evaluate_experts(params, config, tokenizer, pop.factors, experts, tasks, eval_n, log=log)
     _write_json_atomic(out_dir / "train_log.json", result)
     return result

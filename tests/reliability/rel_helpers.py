@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +23,15 @@ SYNTHETIC_PLUS = [*SYNTHETIC, "--method", "genome_plus", "--population_size", "4
 
 
 def genome(args: Sequence[str], *, env: dict | None = None, timeout: float = 300,
-           preexec_fn=None) -> subprocess.CompletedProcess:
-    """`python -m scripts.cli ARGS` from the repo root, fault variables cleared unless given in `env`."""
+           max_file_bytes: int | None = None) -> subprocess.CompletedProcess:
+    """`python -m scripts.cli ARGS` from the repo root, fault variables cleared unless given in `env`.
+    max_file_bytes: RLIMIT_FSIZE of the child (a write past it fails with EFBIG; Python ignores SIGXFSZ)."""
     full = {k: v for k, v in os.environ.items() if k not in FAULT_ENV}
     full.update(PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "scripts.cli", *map(str, args)], cwd=REPO, env=full,
-                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
+    cmd = [sys.executable, "-m", "scripts.cli", *map(str, args)]
+    if max_file_bytes is not None:  # set by prlimit, not preexec_fn: no fork of a threaded (JAX) test process
+        cmd = ["prlimit", f"--fsize={max_file_bytes}", "--", *cmd]
+    return subprocess.run(cmd, cwd=REPO, env=full, capture_output=True, text=True, timeout=timeout)
 
 
 def describe(p: subprocess.CompletedProcess) -> str:
@@ -122,3 +126,18 @@ def assert_same_outcome(ref: Path, out: Path) -> None:
     assert ra["generations"] == rb["generations"]
     assert fitness_columns(out) == fitness_columns(ref)  # one record per generation, none lost or doubled
     assert (out / "fitness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def fill(fs: Path, leave: int) -> Path:
+    """Fill the file system at `fs` with a ballast file so that about `leave` bytes stay free."""
+    st = os.statvfs(fs)
+    free = st.f_bavail * st.f_frsize
+    ballast = fs / "ballast"
+    with open(ballast, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, max(0, free - leave))
+    return ballast
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst

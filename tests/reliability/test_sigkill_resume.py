@@ -57,13 +57,6 @@ def _jobs() -> int:
     return max(1, int(os.environ.get("GENOME_RELIABILITY_JOBS", min(2, os.cpu_count() or 1))))
 
 
-def _reference(method: str, root: Path) -> tuple[Path, list[str]]:
-    out, trace = root / f"reference-{method}", root / f"trace-{method}.txt"
-    p = genome([*ARGS[method], "--output_dir", out], env={"GENOME_FAULT_TRACE": str(trace)})
-    assert p.returncode == 0, describe(p)
-    return out, trace.read_text().split()
-
-
 def _run_chain(name: str, root: Path, traces: dict[str, list[str]]) -> dict:
     method, faults = CHAINS[name]
     rng = random.Random(f"{SEED}:{name}")
@@ -92,11 +85,11 @@ def _whole(out: Path) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def chains(tmp_path_factory):
+def chains(tmp_path_factory, synthetic_reference):
     root = tmp_path_factory.mktemp("sigkill")
     refs, traces = {}, {}
     for method in ARGS:
-        refs[method], traces[method] = _reference(method, root)
+        refs[method], traces[method] = synthetic_reference(method)
     with concurrent.futures.ThreadPoolExecutor(_jobs()) as pool:
         futures = {name: pool.submit(_run_chain, name, root, traces) for name in CHAINS}
         results = {name: f.result() for name, f in futures.items()}

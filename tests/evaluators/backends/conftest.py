@@ -23,15 +23,15 @@ def backend_adapters(tmp_path_factory, make_peft_adapter):
 
 @pytest.fixture(scope="session")
 def backend_requests(model_path):
-    """3 MMLU choice requests (options " A".." D"), one with an option far outside the top-k (" zebra"), one with
+    """2 MMLU choice requests (options " A".." D"), one with an option far outside the top-k (" zebra"), one with
     multi-token options, and one short greedy GSM8K generation."""
     from evaluators.tasks import GenerationConfig, get_task
 
     mmlu = get_task("mmlu", formatter=str(model_path))
-    reqs = mmlu.build_requests(mmlu.load("dev", 3), mmlu.mode)
+    reqs = mmlu.build_requests(mmlu.load("dev", 2), mmlu.mode)
     reqs.append(ChoiceRequest(prompt=reqs[0].prompt, options=(" A", " zebra", " B")))
     reqs.append(ChoiceRequest(prompt="The capital of France is", options=(" Paris", " Berlin, Germany", " London")))
-    gsm = get_task("gsm8k", formatter=str(model_path), generation=GenerationConfig(max_tokens=12))
+    gsm = get_task("gsm8k", formatter=str(model_path), generation=GenerationConfig(max_tokens=8))
     reqs += gsm.build_requests(gsm.load("dev", 1), gsm.mode)
     assert isinstance(reqs[-1], GenerateRequest)
     return reqs
