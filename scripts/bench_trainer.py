@@ -7,7 +7,8 @@ alpha/r), forward over R rows x T tokens, the output projection and cross-entrop
 AdamW on the LoRA factors.
 The JAX step also applies the packed-segment mask (torch gets plain causal attention: a little less work).
 Steps alternate JAX / torch so load changes on a shared machine hit both; medians are reported.
-Ends with one line: `trainer-throughput: jax=<tokens/s> torch=<tokens/s> ratio=<jax/torch>`.
+Torch is timed at each --threads count and the fastest is the baseline.
+Ends with one line: `trainer-throughput: jax=<tokens/s> torch=<tokens/s> ratio=<jax/torch> (...)`.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq_len", type=int, default=D.seq_len)
     p.add_argument("--targets", nargs="+", default=list(D.targets))
     p.add_argument("--reps", type=int, default=5, help="timed steps per side (after 1 warm-up step each)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="torch intra-op thread counts to time (default: 1 and torch's own default); the faster one "
+                        "is the baseline (on a loaded machine torch's spinning OpenMP threads can lose to 1 thread)")
     p.add_argument("--dtype", default=D.dtype, choices=("float32", "bfloat16"),
                    help="compute dtype of both sides (bfloat16: JAX bf16 base weights, torch autocast bf16; the "
                         "LoRA factors and optimizer state stay float32 on both)")
@@ -44,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from evaluators.tasks.base import get_task
     from genome_jax.models import llama, trainer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = sorted(set(args.threads or [1, torch.get_num_threads()]))
     model_path = args.model_path
     if model_path is None:
         from genome_jax.model_store import default_model_path
@@ -94,25 +96,35 @@ def run(args: argparse.Namespace) -> int:
         return float(loss.detach())
 
     tokens = cfg.batch_rows * cfg.seq_len  # both sides process every position of every row
-    print(f"shape: {cfg.batch_rows} rows x {cfg.seq_len} tokens, {cfg.dtype}, LoRA r={cfg.rank} on {','.join(cfg.targets)}, "
-          f"{args.reps} timed steps per side; torch threads {torch.get_num_threads()}, jax devices "
+    print(f"shape: {cfg.batch_rows} rows x {cfg.seq_len} tokens, {cfg.dtype}, LoRA r={cfg.rank} on "
+          f"{','.join(cfg.targets)}, {args.reps} timed steps per side; torch threads {threads}, jax devices "
           f"{jax.devices()}", file=sys.stderr)
     t0 = time.perf_counter()
     jax_step(data[0])
     print(f"jax warm-up (compile) step: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    torch_step(data[0])
-    tj, tt = [], []
+    for n in threads:
+        torch.set_num_threads(n)
+        torch_step(data[0])
+    tj, tt = [], {n: [] for n in threads}
     for b in data[1:]:
         t0 = time.perf_counter()
         jax_step(b)
         tj.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        torch_step(b)
-        tt.append(time.perf_counter() - t0)
-        print(f"  step: jax {tj[-1]:.2f}s  torch {tt[-1]:.2f}s", file=sys.stderr)
-    jx, th = tokens / statistics.median(tj), tokens / statistics.median(tt)
+        for n in threads:
+            torch.set_num_threads(n)
+            t0 = time.perf_counter()
+            torch_step(b)
+            tt[n].append(time.perf_counter() - t0)
+        print(f"  step: jax {tj[-1]:.2f}s  " + "  ".join(f"torch[{n} thr] {tt[n][-1]:.2f}s" for n in threads),
+              file=sys.stderr, flush=True)
+    jx = tokens / statistics.median(tj)
+    th_all = {n: tokens / statistics.median(v) for n, v in tt.items()}
+    best = max(th_all, key=th_all.get)
+    th = th_all[best]
     real = statistics.mean(int((b.segments > 0).sum()) for b in data[1:]) / tokens
-    print(f"median step: jax {statistics.median(tj):.2f}s, torch+peft {statistics.median(tt):.2f}s "
-          f"({real:.0%} of the row positions are real tokens, the rest padding)")
-    print(f"trainer-throughput: jax={jx:.1f} torch={th:.1f} ratio={jx / th:.2f}")
+    print(f"median step: jax {statistics.median(tj):.2f}s; torch+peft " +
+          ", ".join(f"{statistics.median(v):.2f}s with {n} thread(s)" for n, v in tt.items()) +
+          f" ({real:.0%} of the row positions are real tokens, the rest padding)")
+    print(f"trainer-throughput: jax={jx:.1f} torch={th:.1f} ratio={jx / th:.2f} (tokens/s; torch with {best} "
+          f"thread(s), {cfg.dtype})")
     return 0

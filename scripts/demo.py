@@ -21,10 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", default=None, help="run folder (default runs/demo-<date-time>)")
     parser.add_argument("--target", default=None, help="target task (default: the expert pool's, arc_c)")
     parser.add_argument("--generations", type=int, default=3, help="GENOME+ generations (default 3)")
-    parser.add_argument("--population_size", type=int, default=4, help="initial population (default 4)")
+    parser.add_argument("--population_size", type=int, default=4,
+                        help="initial population: the experts themselves, topped up with pairwise merges (default 4)")
     parser.add_argument("--max_population_size", type=int, default=6, help="GENOME+ grows up to this (default 6)")
-    parser.add_argument("--n_dev", type=int, default=100, help="dev samples for fitness (default 100)")
-    parser.add_argument("--n_test", type=int, default=300, help="test samples for the table (default 300)")
+    parser.add_argument("--n_dev", type=int, default=64, help="dev samples for fitness (default 64)")
+    parser.add_argument("--n_test", type=int, default=200, help="test samples for the table (default 200)")
     parser.add_argument("--ensemble_k", type=int, default=3, help="ensembles of the top k = 1..K (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -67,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
         "population_size": args.population_size, "max_population_size": args.max_population_size,
         "max_iter": args.generations, "n_dev": args.n_dev, "n_test": args.n_test, "scoring": "choice_logprob",
         "ensemble_k": args.ensemble_k, "seed": args.seed, "output_dir": out_dir,
+        # the experts themselves start the population (elitism then keeps the evolved best >= the best expert
+        # on dev); GENOME's random pairwise merges are `genome run`'s default
+        "init_merge": args.population_size < _n_experts(lora_dir),
     })
     cfg, out = run_loop.prepare({k: v for k, v in cfg.to_dict().items() if v is not None})
     _say(f"3/4 GENOME+ on {target}: population {cfg.population_size} -> {cfg.max_population_size}, "
@@ -82,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
     print(timing_lines(result, parts))
     print(f"    files: {out}/result.json, fitness.png, metrics.jsonl, best_adapter/")
     return 0
+
+
+def _n_experts(lora_dir: Path) -> int:
+    from genome_jax.population import adapter_folders
+
+    return len(adapter_folders(lora_dir))
 
 
 def demo_table(result: dict, target: str, lora_dir: Path) -> str:

@@ -33,11 +33,14 @@ RUN_CONFIG = "run_config.json"
 
 
 # ------------------------------------------------------------------------------------------------ preparation
-def _check_task(name: str, scoring: str | None) -> None:
-    """A task name or file the evaluators know, with the requested scoring mode; raises their UserError if not."""
+def _check_task(name: str, scoring: str | None, splits: tuple[str, ...] = ()) -> None:
+    """A task name or file the evaluators know, with the requested scoring mode and valid items in `splits`;
+    raises their UserError if not (a bad item must fail here, not after the evaluator has started)."""
     from evaluators.tasks import get_task
 
-    get_task(name, mode=scoring)
+    task = get_task(name, mode=scoring)
+    for split in splits:
+        task.load(split)
 
 
 def _merge_methods() -> tuple[str, ...] | None:
@@ -81,9 +84,9 @@ def prepare(flags: Mapping[str, Any], *, config_file: str | None = None,
                                       if (v := getattr(cfg, k)) is not None})
     if not cfg.synthetic:  # task names, files and scoring modes are the evaluators' to check
         for t in cfg.tasks:
-            _check_task(t, cfg.scoring)
+            _check_task(t, cfg.scoring, ("dev", "test"))
         for t in cfg.unseen_tasks:
-            _check_task(t, None)
+            _check_task(t, None, ("test",))
     out_dir = cfg.resolved_output_dir()
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -366,6 +369,9 @@ def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print) -> d
     strategy = get_strategy(cfg.method)
     with timer("load"):
         experts = _load_experts(cfg)
+        model_path = None if cfg.synthetic else (cfg.model_path or _default_model_path())
+        if model_path is not None:
+            _check_experts_fit_model(experts, cfg.lora_dir, model_path)
     meta = experts.meta
     identity = _identity(cfg, params, experts)
 
@@ -381,7 +387,6 @@ def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print) -> d
             if cfg.synthetic:
                 scorer = SyntheticScorer(experts.factors, cfg.seed)
             else:
-                model_path = cfg.model_path or _default_model_path()
                 scorer = LLMScorer(cfg, model_path, meta.rank, out_dir / "eval_cache", progress)
     except BaseException:
         if scorer is not None:
@@ -481,12 +486,54 @@ def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print) -> d
         }
         reporting.write_json_atomic(out_dir / reporting.RESULT, result)
         return result
+    except BaseException:
+        if created and not (out_dir / EXPERTS).exists():  # failed before anything of value was saved
+            try:
+                ckpt.wait()
+            except Exception:
+                pass
+            if not any(p.name.isdigit() for p in (out_dir / "checkpoints").iterdir()):
+                shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     finally:
         try:
             ckpt.close()
         except Exception:
             pass
         scorer.close()
+
+
+def _check_experts_fit_model(experts, lora_dir, model_path: str) -> None:
+    """Every expert's ΔW must have the shape of its base weight, read from the model's safetensors headers (no
+    weights loaded): adapters made for another model are refused before the evaluator starts."""
+    from safetensors import safe_open
+
+    root = Path(model_path)
+    index = root / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            files = sorted({root / f for f in json.loads(index.read_text())["weight_map"].values()})
+        elif (root / "model.safetensors").is_file():
+            files = [root / "model.safetensors"]
+        else:
+            return  # another checkpoint format: the evaluator checks when it loads the adapters
+        shapes = {}
+        for f in files:
+            with safe_open(str(f), framework="numpy") as h:
+                for k in h.keys():
+                    shapes[k] = tuple(h.get_slice(k).get_shape())
+    except Exception as e:  # unreadable checkpoint: say which, in one line
+        raise UserError(f"--model_path {model_path}: cannot read the model's weights index ({e})") from None
+    for path, leaf in experts.factors.items():
+        want = shapes.get(f"{path}.weight")
+        got = (int(leaf["B"].shape[1]), int(leaf["A"].shape[2]))
+        if want is None:
+            raise UserError(f"--lora_dir {lora_dir}: the experts adapt {path}, which --model_path {model_path} does "
+                            "not have (adapters made for another model?)")
+        if tuple(want) != got:
+            raise UserError(f"--lora_dir {lora_dir}: the experts' ΔW for {path} is {got[0]} x {got[1]} but the "
+                            f"weight of --model_path {model_path} is {want[0]} x {want[1]} (adapters made for another "
+                            "model?)")
 
 
 def _enable_compilation_cache() -> None:

@@ -6,7 +6,8 @@ genome_jax.models.trainer).
 
 writes DIR/<name>/ (PEFT folders that peft and vLLM load) and DIR/train_log.json (config, loss curve per expert,
 tokens/s, and with --eval_n the held-out accuracy of each expert next to the base model's).
-`genome train-experts --demo` builds (or reuses) the demo's cached pool and prints its folder.
+`genome train-experts --demo [--eval_n N]` builds (or reuses) the demo's cached pool and prints its folder (with
+--eval_n, a JSON report of each expert's held-out accuracy next to the base model's).
 """
 from __future__ import annotations
 
@@ -54,16 +55,20 @@ def run(args: argparse.Namespace) -> int:
     model_path = os.path.expanduser(os.fspath(model_path))
     if not os.path.isdir(model_path):
         raise UserError(f"--model_path {model_path}: not a folder")
+    if args.eval_n < 0:
+        raise UserError(f"--eval_n must be >= 0, got {args.eval_n}")
     if args.demo:
         path = trainer.ensure_demo_experts(model_path, progress=not args.no_progress)
-        print(path)
+        if args.eval_n:
+            ev = trainer.evaluate_pool(model_path, path, trainer.DEMO_EXPERTS, args.eval_n)
+            print(json.dumps({"pool": str(path), "eval": ev}, indent=2))
+        else:
+            print(path)
         return 0
     if not args.out:
         raise UserError("--out is required (or use --demo)")
     if not args.experts:
         raise UserError("--experts is required: NAME=TASK[:split] ...")
-    if args.eval_n < 0:
-        raise UserError(f"--eval_n must be >= 0, got {args.eval_n}")
     specs = [trainer.ExpertSpec.parse(e) for e in args.experts]
     out = Path(args.out).expanduser()
     clash = [s.name for s in specs if (out / s.name).exists() and not (out / s.name / "adapter_config.json").exists()]

@@ -92,6 +92,13 @@ class EndpointsBackend:
                 e.connect()
             self._connected = True
 
+    def start(self) -> None:
+        """Check that every server answers before any work (an unreachable URL is the user's to fix)."""
+        try:
+            self._connect()
+        except EvaluatorCrashed as e:
+            raise UserError(f"--endpoints: {e}") from None
+
     # ---- one individual on one endpoint -------------------------------------------------------------------------
     def _score(self, ep: Endpoint, model: str, requests: list) -> list:
         out: list = [None] * len(requests)

@@ -142,7 +142,10 @@ class ManagedBackend:
                     why = f"sent nothing (not even a heartbeat) for {self.stall_timeout_s:.0f}s while {doing}"
                 raise EvaluatorCrashed(f"the evaluator worker {why}; it was killed (log: {self.log_path})")
             if msg is _EOF:
-                rc = self.proc.wait(timeout=30) if self.proc else None
+                try:
+                    rc = self.proc.wait(timeout=30) if self.proc else None
+                except subprocess.TimeoutExpired:  # closed its output but lingers: treat as dead
+                    rc = None
                 self._kill()
                 how = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exited with status {rc}"
                 raise EvaluatorCrashed(

@@ -169,6 +169,8 @@ class Engine:
         key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))
         p = self._params_cache.get(key)
         if p is None:
+            if len(self._params_cache) > 4096:  # sampled generation: one seed per request
+                self._params_cache.clear()
             p = self._params_cache[key] = SamplingParams(**kw)
         return p
 

@@ -27,8 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_reference_model(args.model_path)
     for name in args.tasks:
         for chat in [v == "chat" for v in args.variants]:
-            task = get_task(name, formatter=args.model_path)
-            task.logprob_chat = chat  # instance override for the measurement only
+            task = get_task(name, formatter=args.model_path, logprob_chat=chat)
             items = task.load("dev", args.n)
             t0 = time.perf_counter()
             res = task.score(items, answer_with_transformers(args.model_path, task.build_requests(items), _loaded=loaded))

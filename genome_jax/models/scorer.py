@@ -133,20 +133,26 @@ def token_logprobs(params, lora, tokens, gather_b, gather_t, gather_tok, *, conf
 
 
 def score_encoded(params, config: llama.LlamaConfig, factors: dict | None, enc: Encoded, *, batch_size: int = 8,
-                  bucket: int = 32, pad_id: int = 0, progress: Callable[[int], None] | None = None) -> np.ndarray:
+                  bucket: int = 32, pad_id: int = 0, pop_chunk: int | None = 8,
+                  progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Option log-probs (P, N, n_options_max) of P individuals (factors: Contract 1 dict, or None = base model,
-    P = 1); NaN where a request has fewer options."""
-    lora = llama.stack_lora(factors, config) if factors else None
-    n_pop = 1 if lora is None else next(iter(lora.values()))["A"].shape[1]
+    P = 1); NaN where a request has fewer options. pop_chunk bounds how many individuals share one pass (memory
+    grows with P x batch_size x T); None = all at once. progress(k) is called with the number of scored targets."""
+    n_pop = 1 if not factors else next(iter(factors.values()))["A"].shape[0]
+    chunk = n_pop if not pop_chunk or not factors else min(pop_chunk, n_pop)
     j_max = enc.n_options_max
     out = np.zeros((n_pop, enc.n_requests * j_max), np.float64)
-    for batch in make_batches(enc, batch_size=batch_size, bucket=bucket, pad_id=pad_id):
-        lp = np.asarray(token_logprobs(params, lora, batch.tokens, batch.gather_b, batch.gather_t, batch.gather_tok,
-                                       config=config), np.float64)
-        keep = batch.slot >= 0
-        np.add.at(out, (slice(None), batch.slot[keep]), lp[:, keep])
-        if progress is not None:
-            progress(int(keep.sum()))
+    batches = make_batches(enc, batch_size=batch_size, bucket=bucket, pad_id=pad_id)
+    for start in range(0, n_pop, chunk):
+        part = jax.tree.map(lambda x: x[start : start + chunk], factors) if factors else None
+        lora = llama.stack_lora(part, config) if part else None
+        for batch in batches:
+            lp = np.asarray(token_logprobs(params, lora, batch.tokens, batch.gather_b, batch.gather_t,
+                                           batch.gather_tok, config=config), np.float64)
+            keep = batch.slot >= 0
+            np.add.at(out, (slice(start, start + lp.shape[0]), batch.slot[keep]), lp[:, keep])
+            if progress is not None:
+                progress(int(keep.sum()) * lp.shape[0])
     out = out.reshape(n_pop, enc.n_requests, j_max)
     for n, k in enumerate(enc.n_options):
         out[:, n, k:] = np.nan
@@ -154,14 +160,14 @@ def score_encoded(params, config: llama.LlamaConfig, factors: dict | None, enc: 
 
 
 def score_population(params, config: llama.LlamaConfig, factors: dict | None, requests: Sequence[Any], tokenizer: Any,
-                     *, batch_size: int = 8, bucket: int = 32) -> np.ndarray:
+                     *, batch_size: int = 8, bucket: int = 32, pop_chunk: int | None = 8) -> np.ndarray:
     """Log-probabilities (P, N, n_options_max) of every option of every request for every individual.
 
     params/config: `llama.load_params`; factors: Population.factors ({module_path: {"A": (P, r, d_in),
     "B": (P, d_out, r)}}, scale folded into B) or None for the base model alone (P = 1)."""
     enc = encode_requests(requests, tokenizer)
     return score_encoded(params, config, factors, enc, batch_size=batch_size, bucket=bucket,
-                         pad_id=_pad_id(tokenizer))
+                         pad_id=_pad_id(tokenizer), pop_chunk=pop_chunk)
 
 
 def to_responses(logprobs: np.ndarray, requests: Sequence[Any], response_cls: Callable[..., Any]) -> list[list[Any]]:
@@ -178,13 +184,17 @@ def _pad_id(tokenizer: Any) -> int:
 class JaxScorer:
     """Loads the model once and scores populations of adapters on choice requests (the `--backend jax` path).
 
-    scorer = JaxScorer(model_path)
-    logprobs = scorer.score(population.factors, requests)        # (P, N, J)
-    responses = scorer.responses(population.factors, requests, ChoiceResponse)   # [P][N]
+        scorer = JaxScorer(model_path)
+        logprobs = scorer.score(population.factors, requests)                       # (P, N, J)
+        responses = scorer.responses(population.factors, requests, ChoiceResponse)  # [P][N]
+        results = scorer.evaluate(population.factors, tasks, "dev", 200, ChoiceResponse)  # [P]{task: TaskResult}
+
+    Tasks and response types are passed in (duck-typed: task.load / build_requests / score, as in
+    evaluators.tasks), so genome_jax never imports evaluators.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, dtype: Any = jnp.float32, batch_size: int = 8,
-                 bucket: int = 32):
+                 bucket: int = 32, pop_chunk: int | None = 8):
         from transformers import AutoTokenizer
 
         self.model_path = os.fspath(model_path)
@@ -193,11 +203,31 @@ class JaxScorer:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load a tokenizer from {self.model_path}: {e}") from None
-        self.batch_size, self.bucket = batch_size, bucket
+        self.batch_size, self.bucket, self.pop_chunk = batch_size, bucket, pop_chunk
 
     def score(self, factors: dict | None, requests: Sequence[Any]) -> np.ndarray:
         return score_population(self.params, self.config, factors, requests, self.tokenizer,
-                                batch_size=self.batch_size, bucket=self.bucket)
+                                batch_size=self.batch_size, bucket=self.bucket, pop_chunk=self.pop_chunk)
 
     def responses(self, factors: dict | None, requests: Sequence[Any], response_cls: Callable[..., Any]):
         return to_responses(self.score(factors, requests), requests, response_cls)
+
+    def score_folders(self, folders: Sequence[str | os.PathLike], requests: Sequence[Any]) -> np.ndarray:
+        """Score PEFT adapter folders (read with genome_jax.population.load_population)."""
+        from genome_jax.population import load_population
+
+        return self.score(load_population(list(folders)).factors, requests)
+
+    def evaluate(self, factors: dict | None, tasks: Sequence[Any], split: str, n: int | None,
+                 response_cls: Callable[..., Any]) -> list[dict[str, Any]]:
+        """Per individual, {task name: task.score(...)} on the first n items of `split`, choice_logprob mode.
+        All requests of all tasks go through one scoring pass."""
+        prepared, requests = [], []
+        for task in tasks:
+            items = task.load(split, n)
+            reqs = task.build_requests(items, "choice_logprob")
+            prepared.append((task, items, len(requests), len(reqs)))
+            requests += reqs
+        resp = self.responses(factors, requests, response_cls)
+        return [{t.name: t.score(items, r[start : start + k], "choice_logprob") for t, items, start, k in prepared}
+                for r in resp]

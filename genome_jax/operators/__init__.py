@@ -6,3 +6,4 @@ below are re-exported for convenience (each helper adds its own, additively).
 from genome_jax.operators.mutation import gaussian_mutation, svd_mutation  # noqa: F401
 from genome_jax.operators.selection import elites, roulette, select_parents, survivors, tournament  # noqa: F401
 from genome_jax.operators.succession import SuccessionConfig, succession, update_personal_best  # noqa: F401
+from genome_jax.operators.merge import METHODS, MergeConfig, crossover, merge_one, parent_cuts  # noqa: F401

@@ -329,16 +329,18 @@ def merge_tensor(key, x, weights, config: MergeConfig, cuts=None):
 
 
 # -------------------------------------------------------------------------------------------------- generations
-def parent_cuts(factors, config: MergeConfig):
+def parent_cuts(factors, config: MergeConfig, needed=None):
     """Per-parent trim cuts for every tensor (None when the method does not trim by magnitude). Compute once per
-    generation and pass to `crossover(..., cuts=)` to reuse across calls; `crossover` computes them otherwise."""
+    generation and pass to `crossover(..., cuts=)` to reuse across calls; `crossover` computes them otherwise.
+    needed: optional (P,) bool of this generation's parents (others may be skipped: cut +inf)."""
     if config.cut_method is None:
         return None
     if config.space == "delta":
         from genome_jax.operators import delta_space
 
         return delta_space.delta_cuts(factors, config)
-    return trim_ops.parent_cuts(factors, config.cut_method, config.density, config.gamma, impl=config.select)
+    return trim_ops.parent_cuts(factors, config.cut_method, config.density, config.gamma, impl=config.select,
+                                needed=needed)
 
 
 def _check_parents(parent_idx, weights, config: MergeConfig):
@@ -379,7 +381,9 @@ def crossover(key, factors, parent_idx, weights, *, config: MergeConfig = MergeC
         return delta_space.crossover_delta(key, factors, parent_idx, weights, config=config, cuts=cuts)
     C, K = parent_idx.shape
     if cuts is None:
-        cuts = parent_cuts(factors, config)
+        P = jax.tree_util.tree_leaves(factors)[0].shape[0]
+        needed = jnp.zeros((P,), bool).at[parent_idx.reshape(-1)].set(True)
+        cuts = parent_cuts(factors, config, needed)
     leaves, treedef = jax.tree_util.tree_flatten(factors)
     cut_leaves = treedef.flatten_up_to(cuts) if cuts is not None else [None] * len(leaves)
     child_keys = jax.random.split(key, C)

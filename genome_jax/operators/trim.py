@@ -44,25 +44,31 @@ def cut_ranks(n: int, method: str, density: float, gamma: float = 0.0) -> tuple[
     raise ValueError(f"{method} does not trim by magnitude")
 
 
-def tensor_cuts(x, method: str, density: float, gamma: float = 0.0, *, impl: str = "auto") -> jax.Array:
-    """Cuts of one stack of tensors x (S, ...): (S,) for ties / magnitude_prune, (S, 2) for breadcrumbs."""
+def tensor_cuts(x, method: str, density: float, gamma: float = 0.0, *, impl: str = "auto", needed=None) -> jax.Array:
+    """Cuts of one stack of tensors x (S, ...): (S,) for ties / magnitude_prune, (S, 2) for breadcrumbs.
+
+    needed: optional (S,) bool; on the native path rows not needed are skipped (their cut is +inf)."""
     S = x.shape[0]
     flat = x.reshape(S, -1)
     ks = cut_ranks(flat.shape[1], method, density, gamma)
+    if needed is not None and kthr.resolve_impl(impl) == "native":
+        ks = [jnp.where(needed, k, 0) for k in ks]  # k = 0: the kernel returns at once
     cols = [kthr.magnitude_cut(flat, k, impl=impl) for k in ks]
     return cols[0] if len(cols) == 1 else jnp.stack(cols, axis=1)
 
 
-def parent_cuts(factors, method: str, density: float, gamma: float = 0.0, *, impl: str = "auto"):
+def parent_cuts(factors, method: str, density: float, gamma: float = 0.0, *, impl: str = "auto", needed=None):
     """Cuts for every individual and tensor: a tree like `factors` with leaves (P,) (or (P, 2) for breadcrumbs).
 
-    factors: any pytree whose leaves are (P, ...) stacks (the population's {path: {"A", "B"}})."""
+    factors: any pytree whose leaves are (P, ...) stacks (the population's {path: {"A", "B"}}). needed: optional
+    (P,) bool, the individuals that are parents this generation; the native select skips the others (cut +inf)."""
     if method not in CUT_METHODS:
         raise ValueError(f"{method} does not trim by magnitude")
     leaves, treedef = jax.tree_util.tree_flatten(factors)
     impl = kthr.resolve_impl(impl)
     if impl == "native":  # one FFI call per tensor: rows are selected in cache, nothing is copied
-        return treedef.unflatten([tensor_cuts(x, method, density, gamma, impl="native") for x in leaves])
+        return treedef.unflatten([tensor_cuts(x, method, density, gamma, impl="native", needed=needed)
+                                  for x in leaves])
     # jnp: group equally long tensors so each group is one (rows, n) select (one while loop per group)
     groups: dict[int, list[int]] = defaultdict(list)
     for i, x in enumerate(leaves):

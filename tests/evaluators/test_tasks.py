@@ -93,6 +93,14 @@ def test_multiple_choice_logprob_request():
     assert tq.build_requests([big])[0].options == tuple(f" {lab}" for lab in big["choices"])
 
 
+def test_choice_logprob_chat_variant():
+    task = get_task("mmlu", formatter=FMT, logprob_chat=True)
+    (req,) = task.build_requests(task.load("dev", 1))
+    assert req.prompt.startswith("<user>Question: According to Waltz")
+    assert req.prompt.endswith("Answer with the letter of the correct option.<assistant>Answer:")
+    assert req.options == (" A", " B", " C", " D")
+
+
 def test_generate_requests_use_formatter_and_generation_config():
     task = get_task("arc_c", formatter=FMT, mode="generate", generation=GenerationConfig(temperature=0.7, seed=5))
     reqs = task.build_requests(task.load("dev", 3))

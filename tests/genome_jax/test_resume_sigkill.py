@@ -21,9 +21,6 @@ PARAMS = dict(population_size=6, max_population_size=8, n_offspring=3, cross="li
 CHILD = textwrap.dedent(
     """
     import json, os, signal, sys
-    sys.path.insert(0, {stub_dir!r})
-    from _merge_stub import ensure_merge  # tests only, until genome_jax.operators.merge lands
-    ensure_merge()
     import jax, numpy as np
     from genome_jax import checkpoint, synthetic
     from genome_jax.strategies import StrategyParams, get_strategy
@@ -74,8 +71,7 @@ def child(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("sigkill")
     script = d / "child.py"
-    script.write_text(CHILD.format(stub_dir=str(Path(__file__).parent / "strategies"), params=json.dumps(PARAMS),
-                                   generations=GENERATIONS))
+    script.write_text(CHILD.format(params=json.dumps(PARAMS), generations=GENERATIONS))
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            # share compiled programs between the many child processes (same programs, same bits)
            "JAX_COMPILATION_CACHE_DIR": str(d / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

@@ -1,9 +1,6 @@
 """The synthetic TEST PROBLEM (score vs dense numpy) and its resumable driver."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,11 +9,6 @@ import pytest
 from genome_jax import synthetic
 from genome_jax.errors import UserError
 from genome_jax.strategies import StrategyParams
-
-sys.path.insert(0, str(Path(__file__).parent / "strategies"))
-from _merge_stub import ensure_merge  # noqa: E402  (tests only, until genome_jax.operators.merge lands)
-
-ensure_merge()
 
 EXPERTS = synthetic.synthetic_experts(3, n_experts=3, n_layers=2, d_model=16, rank=4, modules=("q_proj", "down_proj"))
 

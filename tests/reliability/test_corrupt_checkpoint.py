@@ -71,7 +71,7 @@ def test_damaged_latest_step_falls_back_to_the_previous_one(damage, interrupted,
     assert p.returncode == 0, describe(p)
     assert "checkpoint step 3" in p.stderr and "falling back" in p.stderr, describe(p)
     assert f"resuming {run} from generation 2" in p.stdout, describe(p)
-    assert "Traceback" not in p.stderr
+    assert "Traceback" not in p.stderr, describe(p)
     assert_same_outcome(ref, run)
     assert orphans(run) == []
 

@@ -18,8 +18,10 @@ import pytest
 from scripts import cli
 
 REPO = Path(__file__).resolve().parents[2]
-# small and quick: 4 random experts (2 layers, d=32, rank 4), populations of 4-6
-BASE = ["--tasks", "synthetic", "--population_size", "5", "--individual_mutation_rate", "0.8",
+# small and quick: 4 random experts (2 layers, d=32, rank 4), populations of 4-6; linear merges (the hidden target
+# is a linear mix of the experts)
+BASE = ["--tasks", "synthetic", "--population_size", "5", "--cross_method", "linear", "--combine_method", "linear",
+        "--individual_mutation_rate", "0.8",
         "--gene_mutation_rate", "0.3", "--sigma", "0.05", "--elite_percent", "0.2", "--seed", "7", "--quiet"]
 
 

@@ -31,7 +31,9 @@ def swap_answers(managed_worker, backend_adapters, backend_requests):
 
 
 def test_swap_equals_lora_path(managed_worker, backend_adapters, backend_requests, swap_answers):
-    lora, timing = managed_worker.answer(_jobs(backend_adapters, backend_requests), mode="lora")
+    """The two protocols agree: base + the q/v adapter through vLLM's multi-LoRA path, both in flight (the
+    all-module adapter is left to the reference test: vLLM's CPU LoRA path is ~10x slower than a swap)."""
+    lora, timing = managed_worker.answer(_jobs(backend_adapters[:1], backend_requests), mode="lora")
     assert timing["lora_load_s"] > 0
     for ind, (s, l) in enumerate(zip(swap_answers, lora)):
         for req, a, b in zip(backend_requests, s, l):

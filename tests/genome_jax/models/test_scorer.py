@@ -60,6 +60,37 @@ def test_errors_and_to_responses():
     assert out == [[ChoiceResponse((-1.0, -2.0)), ChoiceResponse((-0.5, -0.1, -3.0))]]
 
 
+def test_population_chunks_and_single_adapters_agree(tiny):
+    """Scoring P=5 at once, in chunks of 2, and one individual at a time gives the same log-probs; a request's
+    single-token options equal the log-softmax of the full forward at the prompt's last position."""
+    from genome_jax.models import llama
+
+    _, _, cfg, params = tiny
+    tok = CharTokenizer()
+    reqs = [ChoiceRequest("abc" * k, ("x", "y", "zz")) for k in range(1, 6)] + [ChoiceRequest("hello", ("a", "b"))]
+    factors = {}
+    key = jax.random.key(0)
+    for layer in range(cfg.num_layers):
+        for name in ("q_proj", "up_proj"):
+            key, ka, kb = jax.random.split(key, 3)
+            d_out, d_in = cfg.module_shape(name)
+            factors[llama.module_path(layer, name)] = {"A": 0.3 * jax.random.normal(ka, (5, 4, d_in)),
+                                                       "B": 0.3 * jax.random.normal(kb, (5, d_out, 4))}
+    full = scorer.score_population(params, cfg, factors, reqs, tok, batch_size=4, bucket=8, pop_chunk=None)
+    chunked = scorer.score_population(params, cfg, factors, reqs, tok, batch_size=3, bucket=16, pop_chunk=2)
+    np.testing.assert_allclose(chunked, full, atol=1e-5, equal_nan=True)
+    for p in (0, 4):
+        one = jax.tree.map(lambda x: x[p : p + 1], factors)
+        np.testing.assert_allclose(scorer.score_population(params, cfg, one, reqs, tok)[0], full[p], atol=1e-5,
+                                   equal_nan=True)
+    ids = jnp.asarray([tok("hello")["input_ids"]])
+    logits = llama.forward(params, ids, config=cfg, lora=llama.stack_lora(factors, cfg))[:, 0, -1]
+    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    np.testing.assert_allclose(full[:, 5, :2], logp[:, [tok("a")["input_ids"][0], tok("b")["input_ids"][0]]],
+                               atol=1e-5)
+    assert np.isnan(full[:, 5, 2]).all()
+
+
 def _requests():
     from evaluators.tasks.base import get_task
 
@@ -109,3 +140,27 @@ def test_population_scores_match_transformers_peft(model_path, smollm2_tokenizer
     zero = jax.tree.map(jnp.zeros_like, jax.tree.map(lambda x: x[:1], pop.factors))
     np.testing.assert_allclose(scorer.score_population(params, cfg, zero, reqs, smollm2_tokenizer, batch_size=4),
                                base, atol=1e-4, equal_nan=True)
+
+
+@pytest.mark.slow
+def test_jax_scorer_evaluate_returns_task_results(model_path, make_peft_adapter, tmp_path):
+    """JaxScorer.evaluate: per individual, the task's own TaskResult from the scorer's responses."""
+    from evaluators.tasks.base import get_task
+
+    make_peft_adapter(tmp_path / "a", rank=4, alpha=8, seed=5, scale=4.0)
+    make_peft_adapter(tmp_path / "b", rank=4, alpha=8, seed=6, scale=4.0)
+    js = scorer.JaxScorer(model_path, batch_size=4)
+    tasks = [get_task("mmlu"), get_task("arc_c")]
+    from genome_jax.population import load_population
+
+    pop = load_population(tmp_path)
+    results = js.evaluate(pop.factors, tasks, "dev", 3, ChoiceResponse)
+    assert len(results) == 2 and set(results[0]) == {"mmlu", "arc_c"}
+    lp = js.score_folders([tmp_path / "a", tmp_path / "b"], tasks[1].build_requests(tasks[1].load("dev", 3)))
+    for p in range(2):
+        r = results[p]["arc_c"]
+        assert r.n == 3 and r.mode == "choice_logprob"
+        labels = [list(o) for o in r.options]
+        assert list(r.predictions) == [labels[i][int(np.nanargmax(lp[p, i]))] for i in range(3)]
+    with pytest.raises(Exception, match="no scoring mode 'choice_logprob'"):
+        js.evaluate(pop.factors, [get_task("gsm8k")], "dev", 2, ChoiceResponse)

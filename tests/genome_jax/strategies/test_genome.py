@@ -51,6 +51,8 @@ def _generation(state, params=PARAMS, strategy=genome, drop=None):
     (dict(tournament_size=0), "tournament_size"),
     (dict(patience=-1), "patience"),
     (dict(cross=3), "cross"),
+    (dict(cross="frobnicate"), "cross"),
+    (dict(combine="ties_plus"), "combine"),
 ])
 def test_params_validation_names_the_culprit(kw, culprit):
     with pytest.raises(UserError, match=f"'{culprit}'"):
@@ -198,3 +200,14 @@ def test_svd_mutation_inside_a_generation():
     for i in range(2, 8):  # ΔW of a mutated child stays in its parent's singular subspaces (rank <= r)
         w = np.asarray(children[m]["B"][i]) @ np.asarray(children[m]["A"][i])
         assert np.linalg.matrix_rank(w, tol=1e-4) <= 4
+
+
+def test_default_params_with_ties_crossover_improve():
+    params = StrategyParams(population_size=8, max_generations=15)  # GENOME defaults: TIES merges, roulette
+    assert params.cross_config.method == "ties" and params.combine_config.method == "ties"
+    state = _start(params)
+    for _ in range(15):
+        _, _, _, state = _generation(state, params)
+    h = np.asarray(state.history)
+    assert h[15, 0] > h[0, 0] + 0.01, h[[0, 15]]
+    assert h[15, 1] > h[0, 1] + 0.04, h[[0, 15]]

@@ -1,0 +1,33 @@
+"""`genome eval` input errors: one line on stderr, exit 1, checked before any engine starts."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _genome(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scripts.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "GENOME_DEBUG": "0"})
+
+
+@pytest.mark.slow
+def test_eval_refuses_bad_adapters_before_starting_an_engine(model_path, make_peft_adapter, tmp_path):
+    out = _genome("eval", "--model_path", str(model_path), "--tasks", "arc_c", "--n", "1",
+                  "--adapter", str(tmp_path / "missing"))
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip().splitlines()[-1] == f"genome: error: adapter folder not found: {tmp_path / 'missing'}"
+
+    big = make_peft_adapter(tmp_path / "r32", rank=32, alpha=32)
+    out = _genome("eval", "--model_path", str(model_path), "--tasks", "arc_c", "--n", "1", "--adapter", str(big),
+                  "--max_lora_rank", "16")
+    assert out.returncode == 1
+    assert "LoRA rank 32 is above max_lora_rank=16" in out.stderr.strip().splitlines()[-1]
+
+    out = _genome("eval", "--model_path", str(model_path), "--tasks", "no_such_task")
+    assert out.returncode == 1 and "unknown task 'no_such_task'" in out.stderr
