@@ -339,6 +339,17 @@ def validate(
         raise UserError(f"--lora_dir {cfg.lora_dir}: no such folder")
     if cfg.model_path is not None and not cfg.synthetic and not Path(cfg.model_path).is_dir():
         raise UserError(f"--model_path {cfg.model_path}: no such folder")
+    if cfg.model_path is not None and not cfg.synthetic:
+        model_config = Path(cfg.model_path) / "config.json"
+        if not model_config.is_file():
+            raise UserError(f"--model_path {cfg.model_path}: no config.json there (not a Hugging Face model folder)")
+        try:
+            auto_map = json.loads(model_config.read_text()).get("auto_map")
+        except (ValueError, AttributeError, OSError):
+            raise UserError(f"{model_config}: not a readable JSON object") from None
+        if auto_map:  # custom modelling code is never run (trust_remote_code stays off)
+            raise UserError(f"{model_config}: the model needs custom code (auto_map), which genome never runs "
+                            "(trust_remote_code is off); use a model of an architecture vLLM supports natively")
 
 
 def save_run_config(cfg: RunConfig, path: str | os.PathLike) -> None:

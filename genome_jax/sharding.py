@@ -134,6 +134,12 @@ def _reshard(x: jax.Array, sharding: NamedSharding) -> jax.Array:
     return _resharder(sharding)(x)
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf whole on every device of `mesh` (an all-gather of sharded leaves; works across processes).
+    Use it where a computation must see whole individuals, e.g. a scorer batched over the population axis."""
+    return jax.tree.map(lambda x: _reshard(x, replicated(mesh)), tree)
+
+
 def abstract_tree(tree: Any, mesh: Mesh, pop_sizes: int | Iterable[int]) -> Any:
     """ShapeDtypeStructs carrying the target shardings on `mesh`: the `target` an orbax restore needs to land a
     checkpoint (saved on any device count) directly in this layout."""

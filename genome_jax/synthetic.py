@@ -134,10 +134,14 @@ def run_synthetic(out_dir, params, *, seed: int, generations: int, experts=None,
     from genome_jax.strategies import get_strategy, initial_population, needs_score
 
     strategy = get_strategy(method)
+    whole = lambda tree: tree  # noqa: E731
     if mesh is not None:  # population axis sharded over mesh (genome_jax.sharding); same results, any device count
-        from genome_jax.sharding import ShardedStrategy
+        from genome_jax.sharding import ShardedStrategy, replicate
 
         strategy = ShardedStrategy(strategy, mesh, params)
+        # the fitness sees whole individuals, as an evaluator does (a batched dot over a split axis would sum in
+        # another order: last-bit differences that are the scorer's, not the search's)
+        whole = lambda tree: replicate(tree, mesh)  # noqa: E731
     experts = experts if experts is not None else synthetic_experts(seed)
     problem = make_problem(experts, coeffs, seed=seed + 1)
     config = {
@@ -175,7 +179,7 @@ def run_synthetic(out_dir, params, *, seed: int, generations: int, experts=None,
         while int(state.generation) < generations and not strategy.done(state, params):
             children, state = strategy.ask(strategy.generation_key(state), state, params)
             need = needs_score(state)
-            fitness = jnp.where(need, score(problem, children), jnp.nan)
+            fitness = jnp.where(need, score(problem, whole(children)), jnp.nan)
             evaluations += int(jnp.sum(need))
             state = strategy.tell(state, children, fitness, params)
             ckpt.save(int(state.generation), state)

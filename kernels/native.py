@@ -30,7 +30,7 @@ __all__ = ["available", "kth_largest_abs", "library_path"]
 
 _SRC = Path(__file__).with_name("native") / "radix_select.cc"
 _TARGET = "genome_kth_largest_abs"
-_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
+_FLAGS = ["-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-w"]
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict = {}

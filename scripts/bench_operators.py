@@ -10,6 +10,14 @@ fewer layers so population + children fit `--mem-budget-gb`; figures are reporte
 Effective bytes (what an ideal one-pass implementation must move): crossover = cuts read every parent once (P S)
 + each child reads its K parents and writes itself ((K + 1) C S); the generation adds mutation's read + write of
 the children (2 C S); S = bytes per individual.
+
+The generation is three jitted programs (selection, crossover, mutation), so the crossover compiled for the
+crossover-alone timing is reused. Mutation: `--mutation lean` (default) is the bench's own minimal Gaussian noise
+(per child picked with probability 0.15, then ~Binomial(S, 0.01) genes of the flattened child at random positions get
+N(0, 0.01^2)); `--mutation helper` uses genome_jax.operators.mutation.gaussian_mutation, which draws a mask and a
+noise value for every gene (measured ~9 s for P=64 x 5 layers and ~2 GB of temporaries on the shared box, so it
+does not fit the default sizes here). Wall and process-CPU seconds are both reported: on a box shared with other
+jobs, CPU seconds are the steadier measure of work.
 """
 from __future__ import annotations
 
@@ -49,20 +57,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mem-budget-gb", type=float, default=3.0,
                         help="population + children bytes allowed for the --scaling sizes (layers shrink to fit)")
     parser.add_argument("--probe-mb", type=int, default=512, help="size of the bandwidth probe's array")
+    parser.add_argument("--mutation", choices=("lean", "helper"), default="lean",
+                        help="lean: the bench's sparse Gaussian noise (default); helper: operators.mutation")
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _median_time(fn, repeats: int) -> tuple[float, float]:
-    """(first call incl. compile, median of `repeats` later calls), seconds; fn must block."""
+def _median_time(fn, repeats: int) -> tuple[float, float, float]:
+    """(first call incl. compile, median wall, median process-CPU of `repeats` later calls), seconds; fn blocks."""
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
-    ts = []
+    ts, cs = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         ts.append(time.perf_counter() - t0)
-    return first, statistics.median(ts)
+        cs.append(time.process_time() - c0)
+    return first, statistics.median(ts), statistics.median(cs)
 
 
 def bandwidth_probe(mb: int, repeats: int) -> dict:
@@ -74,14 +85,14 @@ def bandwidth_probe(mb: int, repeats: int) -> dict:
     x = jnp.zeros((n,), jnp.float32)
     fresh = jax.jit(lambda a: a + 1.0)
     inplace = jax.jit(lambda a: a + 1.0, donate_argnums=0)
-    _, t_fresh = _median_time(lambda: fresh(x).block_until_ready(), repeats)
+    _, t_fresh, _ = _median_time(lambda: fresh(x).block_until_ready(), repeats)
     box = [x]
 
     def step():
         box[0] = inplace(box[0])
         box[0].block_until_ready()
 
-    _, t_in = _median_time(step, repeats)
+    _, t_in, _ = _median_time(step, repeats)
     nbytes = 2 * n * 4
     return {"inplace_gbs": nbytes / t_in / 1e9, "fresh_gbs": nbytes / t_fresh / 1e9}
 
@@ -100,55 +111,83 @@ def make_population(key, P: int, layers: int):
     return factors
 
 
-def _own_mutation(key, factors, *, individual_rate, gene_rate, sigma):
-    """Fallback when genome_jax.operators.mutation is missing: Gaussian noise under a Bernoulli gene mask."""
+def lean_mutation(key, factors, *, individual_rate: float, gene_rate: float, sigma: float):
+    """The bench's minimal Gaussian mutation: each child is picked with probability individual_rate; a picked
+    child of S genes gets N(0, sigma^2) added at ~Binomial(S, gene_rate) random positions (drawn with
+    replacement; O(mutated genes) random numbers instead of O(n))."""
     import jax
     import jax.numpy as jnp
 
     leaves, treedef = jax.tree_util.tree_flatten(factors)
     P = leaves[0].shape[0]
-    k_ind, key = jax.random.split(key)
+    sizes = [x[0].size for x in leaves]
+    n = sum(sizes)
+    cap = int(2 * n * gene_rate) + 8
+    k_ind, k_live, k_pos, k_noise = jax.random.split(key, 4)
     picked = jax.random.bernoulli(k_ind, individual_rate, (P,))
-    out = []
-    for i, x in enumerate(leaves):
-        k_m, k_n = jax.random.split(jax.random.fold_in(key, i))
-        m = jax.random.bernoulli(k_m, gene_rate, x.shape) & picked.reshape((P,) + (1,) * (x.ndim - 1))
-        out.append(jnp.where(m, x + sigma * jax.random.normal(k_n, x.shape, x.dtype), x))
-    return treedef.unflatten(out), picked
+    # each of `cap` slots is live with probability n p / cap: Binomial(cap, n p / cap) ~ Binomial(n, p) mutated
+    # genes per child; one flat scatter (a scatter per tensor costs ~0.25 s of compile each on this box)
+    live = jax.random.bernoulli(k_live, n * gene_rate / cap, (P, cap)) & picked[:, None]
+    pos = jax.random.randint(k_pos, (P, cap), 0, n)
+    noise = sigma * jax.random.normal(k_noise, (P, cap), leaves[0].dtype)
+    flat = jnp.concatenate([x.reshape(P, -1) for x in leaves], axis=1)
+    flat = flat.at[jnp.arange(P)[:, None], pos].add(jnp.where(live, noise, 0.0))
+    out, start = [], 0
+    for x, size in zip(leaves, sizes):
+        out.append(flat[:, start:start + size].reshape(x.shape))
+        start += size
+    return treedef.unflatten(out)
 
 
-def make_generation(config, P: int, K: int):
-    """jit(select -> crossover -> mutate) for P children; returns (fn, description of the operators used)."""
+def make_generation(config, P: int, K: int, mutation_kind: str):
+    """select -> crossover -> mutate for P children as three jitted programs; returns (fn, what was used)."""
+    import functools
+
     import jax
     import jax.numpy as jnp
 
     from genome_jax.operators import merge
 
     try:
-        from genome_jax.operators import mutation, selection
-
-        select = lambda k, f: selection.select_parents(k, f, P * K, method="roulette").reshape(P, K)
-        mutate = lambda k, x: mutation.gaussian_mutation(k, x, individual_rate=0.15, gene_rate=0.01, sigma=0.01)[0]
-        used = "selection.select_parents(roulette) + merge.crossover + mutation.gaussian_mutation"
-    except ImportError:  # the other helpers' operators are not there: minimal stand-ins (said in the output)
-        select = lambda k, f: jax.random.categorical(k, jax.nn.log_softmax(f), shape=(P, K)).astype(jnp.int32)
-        mutate = lambda k, x: _own_mutation(k, x, individual_rate=0.15, gene_rate=0.01, sigma=0.01)[0]
-        used = "own roulette + merge.crossover + own Gaussian mutation (operators.mutation/selection missing)"
+        from genome_jax.operators import selection
+    except ImportError:
+        selection = None
+    if selection is not None:
+        select_fn = lambda k, f: selection.select_parents(k, f, P * K, method="roulette").reshape(P, K)
+        used = "selection.select_parents(roulette)"
+    else:
+        select_fn = lambda k, f: jax.random.categorical(k, jax.nn.log_softmax(f), shape=(P, K)).astype(jnp.int32)
+        used = "own roulette (operators.selection missing)"
 
     @jax.jit
-    def generation(key, factors, fitness):
-        k_sel, k_w, k_x, k_mut = jax.random.split(key, 4)
-        parents = select(k_sel, fitness)
+    def select(key, fitness):
+        k_sel, k_w = jax.random.split(key)
         w = jax.random.uniform(k_w, (P, K), jnp.float32, 0.05, 1.0)
-        w = w / jnp.sum(w, axis=1, keepdims=True)
+        return select_fn(k_sel, fitness), w / jnp.sum(w, axis=1, keepdims=True)
+
+    if mutation_kind == "helper":
+        from genome_jax.operators import mutation
+
+        mutate = jax.jit(lambda k, x: mutation.gaussian_mutation(k, x, individual_rate=0.15, gene_rate=0.01,
+                                                                 sigma=0.01)[0])
+        used += " + merge.crossover + mutation.gaussian_mutation"
+    else:
+        mutate = jax.jit(functools.partial(lean_mutation, individual_rate=0.15, gene_rate=0.01, sigma=0.01))
+        used += " + merge.crossover + the bench's lean Gaussian mutation"
+
+    def generation(key, factors, fitness):
+        k_sel, k_x, k_mut = jax.random.split(key, 3)
+        parents, w = select(k_sel, fitness)
         children = merge.crossover(k_x, factors, parents, w, config=config)
-        return mutate(k_mut, children)
+        return jax.block_until_ready(mutate(k_mut, children))
 
     return generation, used
 
 
-def peft_baseline(factors_np: dict, n_children: int, density: float, K: int, seed: int, threads: int) -> float:
-    """Median seconds per child of the PEFT-style loop: per child, per tensor, merge_utils.ties in torch."""
+def peft_baseline(factors_np: dict, n_children: int, density: float, K: int, seed: int,
+                  threads: int) -> tuple[float, float]:
+    """Median (wall, process-CPU) seconds per child of the PEFT-style loop: per child, per tensor,
+    merge_utils.ties in torch."""
     import numpy as np
     import torch
     from peft.utils.merge_utils import ties as peft_ties
@@ -157,18 +196,19 @@ def peft_baseline(factors_np: dict, n_children: int, density: float, K: int, see
     tensors = {k: torch.from_numpy(v) for k, v in factors_np.items()}
     P = next(iter(tensors.values())).shape[0]
     rng = np.random.default_rng(seed)
-    times = []
+    walls, cpus = [], []
     with torch.no_grad():
         for c in range(n_children + 1):  # the first child warms torch up and is not counted
             idx = rng.choice(P, size=K, replace=False)
             w = torch.tensor(rng.dirichlet(np.ones(K)), dtype=torch.float32)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             child = {name: peft_ties([t[i] for i in idx], w, density) for name, t in tensors.items()}
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             assert len(child) == len(tensors)
             if c:
-                times.append(dt)
-    return statistics.median(times)
+                walls.append(dt)
+                cpus.append(dc)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -182,9 +222,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--population must be >= 2 and --parents, --layers, --repeats >= 1")
     config = merge.MergeConfig(method=args.method, density=args.density, space=args.space)
     K = args.parents
+    t_start = time.perf_counter()
     print(f"genome bench operators: method={args.method} space={args.space} density={args.density} K={K} "
           f"backend={jax.default_backend()} devices={jax.device_count()}", flush=True)
-    if args.method == "ties":
+    if config.cut_method is not None and args.space == "factors":
         from kernels import threshold
 
         print(f"  threshold select: {threshold.resolve_impl(config.select)}; TIES kernel: "
@@ -196,8 +237,8 @@ def run(args: argparse.Namespace) -> int:
     ref_bw = bw["inplace_gbs"]
 
     sizes = [args.population] + [p for p in (args.scaling or []) if p != args.population]
-    results = []
-    baseline_child_s = None
+    rows = []
+    base = None  # (wall, cpu) seconds per child at the main size
     for si, P in enumerate(sizes):
         layers = args.layers
         if si:
@@ -207,50 +248,50 @@ def run(args: argparse.Namespace) -> int:
         factors = make_population(key, P, layers)
         fitness = jax.random.uniform(jax.random.fold_in(key, 1), (P,))
         S = layers * LAYER_PARAMS * 4  # bytes per individual
-        gen, used = make_generation(config, P, K)
-        row = {"P": P, "layers": layers}
-        if si == 0:
-            idx = jax.random.randint(jax.random.fold_in(key, 2), (P, K), 0, P)
-            w = jax.random.dirichlet(jax.random.fold_in(key, 3), np.ones(K), (P,))
-            cross = lambda: jax.block_until_ready(merge.crossover(key, factors, idx, w, config=config))
-            row["cross_compile"], row["cross_s"] = _median_time(cross, args.repeats)
-            print(f"  P={P}: crossover alone: first call {row['cross_compile']:.1f} s (compile), "
-                  f"median {row['cross_s']:.3f} s", flush=True)
-        first, row["gen_s"] = _median_time(lambda: jax.block_until_ready(gen(key, factors, fitness)), args.repeats)
-        print(f"  P={P} ({layers} layers): generation [{used}]: first call {first:.1f} s, median {row['gen_s']:.3f} s",
-              flush=True)
-        row["cross_bytes"] = (P + (K + 1) * P) * S
-        row["gen_bytes"] = row["cross_bytes"] + 2 * P * S
-        row["scale30"] = layers / args.layers
+        idx = jax.random.randint(jax.random.fold_in(key, 2), (P, K), 0, P)
+        w = jax.random.dirichlet(jax.random.fold_in(key, 3), np.ones(K), (P,))
+        cross = lambda: jax.block_until_ready(merge.crossover(key, factors, idx, w, config=config))
+        first, c_wall, c_cpu = _median_time(cross, args.repeats)
+        print(f"  P={P} ({layers} layers): crossover: first call {first:.1f} s (compile), median {c_wall:.3f} s "
+              f"wall / {c_cpu:.3f} s CPU", flush=True)
+        gen, used = make_generation(config, P, K, args.mutation)
+        first, g_wall, g_cpu = _median_time(lambda: gen(key, factors, fitness), args.repeats)
+        print(f"  P={P}: generation [{used}]: first call {first:.1f} s, median {g_wall:.3f} s wall / "
+              f"{g_cpu:.3f} s CPU", flush=True)
+        scale = layers / args.layers  # this size's children are `scale` of a full child
+        rows.append({"P": P, "layers": layers, "scale": scale, "c_wall": c_wall, "c_cpu": c_cpu, "g_wall": g_wall,
+                     "g_cpu": g_cpu, "c_bytes": (P + (K + 1) * P) * S, "g_bytes": (P + (K + 3) * P) * S})
         if si == 0 and args.baseline_children > 0 and args.method == "ties" and args.space == "factors":
             host = {f"{p}.{ab}": np.array(v[ab]) for p, v in factors.items() for ab in ("A", "B")}
-            baseline_child_s = peft_baseline(host, args.baseline_children, args.density, K, args.seed,
-                                             args.baseline_threads) / row["scale30"]
+            b_wall, b_cpu = peft_baseline(host, args.baseline_children, args.density, K, args.seed,
+                                          args.baseline_threads)
+            base = (b_wall / scale, b_cpu / scale)
             print(f"  PEFT loop (merge_utils.ties per tensor, torch {args.baseline_threads} thread(s)): "
-                  f"{baseline_child_s:.3f} s per child (median of {args.baseline_children}; "
-                  f"P children extrapolated)", flush=True)
-        results.append(row)
+                  f"{b_wall:.3f} s wall / {b_cpu:.3f} s CPU per child (median of {args.baseline_children} "
+                  f"children; extrapolated to P children)", flush=True)
         del factors
 
     print()
-    print("| P | layers | crossover s | generation s | children/s (gen; per --layers child) | eff. GB/s (cross / gen) | "
-          "of probe BW (cross / gen) | speedup vs PEFT loop (cross / gen) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in results:
-        P = row["P"]
-        cross = row.get("cross_s")
-        cps = P / row["gen_s"] * row["scale30"]
-        gbs_gen = row["gen_bytes"] / row["gen_s"] / 1e9
-        gbs_cross = row["cross_bytes"] / cross / 1e9 if cross else None
-        base = baseline_child_s * P * row["scale30"] if baseline_child_s else None
-        fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)
-        print(f"| {P} | {row['layers']} | {fmt(cross)} | {row['gen_s']:.3f} | {cps:.1f} | "
-              f"{fmt(gbs_cross, '{:.2f}')} / {gbs_gen:.2f} | "
-              f"{fmt(gbs_cross and gbs_cross / ref_bw, '{:.0%}')} / {gbs_gen / ref_bw:.0%} | "
-              f"{fmt(base and cross and base / cross, '{:.1f}x')} / {fmt(base and base / row['gen_s'], '{:.1f}x')} |")
-    if baseline_child_s:
-        print(f"\nPEFT loop: {baseline_child_s:.3f} s per child, measured on {args.baseline_children} children and "
-              f"extrapolated linearly to each P (its cost per child does not depend on P).")
-    print(f"Probe bandwidth (in place): {ref_bw:.2f} GB/s. Command: genome bench operators "
-          f"{' '.join(sys.argv[3:]) if sys.argv[1:2] == ['bench'] else ''}".rstrip())
+    print("| P | layers | crossover s (wall / CPU) | generation s (wall / CPU) | children/s (gen) | "
+          "eff. GB/s (cross / gen) | of probe BW (cross / gen) | speedup vs PEFT loop, cross (wall / CPU) | "
+          "speedup, gen (wall / CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        P = r["P"]
+        gbs_c, gbs_g = r["c_bytes"] / r["c_wall"] / 1e9, r["g_bytes"] / r["g_wall"] / 1e9
+        line = (f"| {P} | {r['layers']} | {r['c_wall']:.3f} / {r['c_cpu']:.3f} | {r['g_wall']:.3f} / "
+                f"{r['g_cpu']:.3f} | {P / r['g_wall']:.1f} | {gbs_c:.2f} / {gbs_g:.2f} | "
+                f"{gbs_c / ref_bw:.0%} / {gbs_g / ref_bw:.0%} | ")
+        if base:
+            bw_, bc_ = base[0] * P * r["scale"], base[1] * P * r["scale"]
+            line += (f"{bw_ / r['c_wall']:.1f}x / {bc_ / r['c_cpu']:.1f}x | "
+                     f"{bw_ / r['g_wall']:.1f}x / {bc_ / r['g_cpu']:.1f}x |")
+        else:
+            line += "- | - |"
+        print(line)
+    if base:
+        print(f"\nPEFT loop: {base[0]:.3f} s wall / {base[1]:.3f} s CPU per {args.layers}-layer child, measured on "
+              f"{args.baseline_children} children at P={sizes[0]} and extrapolated linearly to P (a child's cost "
+              f"does not depend on P; rows with fewer layers are compared with the same fraction of a child).")
+    print(f"Probe bandwidth (in place): {ref_bw:.2f} GB/s. Total bench time {time.perf_counter() - t_start:.0f} s.")
     return 0

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         if debug:
             raise
-        sys.stderr.write(f"genome: error: {e}\n")
+        sys.stderr.write("genome: error: " + " ".join(str(e).split("\n")).strip() + "\n")  # one line, always
         return 1
     except Exception as e:  # unexpected: still one line unless --debug
         if debug:

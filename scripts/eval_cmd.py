@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="engine dtype (default: float32 for swap, the model's for lora)")
     parser.add_argument("--cache_dir", default=None, help="persist the result cache here (default: memory only)")
     parser.add_argument("--details", action="store_true", help="include per-sample predictions in the JSON")
+    parser.add_argument("--eval_devices", default=None, metavar="0,1,2,3",
+                        help="one managed vLLM worker per listed GPU (CUDA_VISIBLE_DEVICES each); docs/SCALING.md")
+    parser.add_argument("--ray_address", default=None, metavar="ADDR",
+                        help="score on a Ray cluster, one vLLM engine per actor: local | auto | ray://head:10001")
+    parser.add_argument("--ray_actors", type=int, default=None,
+                        help="engines on the Ray cluster (default: one per GPU, or per CPU without GPUs)")
 
 
 def _tasks(args, model_path: str) -> list:
@@ -77,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter and args.base:
         adapters = [None] + adapters
     kwargs = {} if args.endpoints else {"dtype": args.dtype}
+    if args.eval_devices is not None:
+        kwargs["eval_devices"] = args.eval_devices
+    if args.ray_address is not None:
+        kwargs.update(ray_address=args.ray_address, ray_actors=args.ray_actors)
     ev = make_evaluator(model_path, endpoints=args.endpoints, eval_mode=args.eval_mode,
                         max_lora_rank=args.max_lora_rank, max_loras=args.max_loras, cache_dir=args.cache_dir,
                         progress=True, **kwargs)
@@ -84,13 +94,15 @@ def run(args: argparse.Namespace) -> int:
         ev.check_adapters(adapters)  # bad folders / ranks fail before the engine starts
         results = ev.evaluate(adapters, tasks, args.split, args.n)
         info = getattr(ev.backend, "info", None) or {}
+        if isinstance(info, list):  # several engines (eval_devices, Ray): they share one configuration
+            info = info[0] if info else {}
     finally:
         ev.close()
     out = {
         "model_path": model_path,
         "split": args.split,
         "n": args.n,
-        "backend": "endpoints" if args.endpoints else "managed",
+        "backend": "endpoints" if args.endpoints else getattr(ev.backend, "kind", "managed"),
         "eval_mode": info.get("mode", "lora" if args.endpoints else args.eval_mode),
         "dtype": info.get("dtype"),
         "modes": {t.name: t.mode for t in tasks},

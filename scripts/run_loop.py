@@ -97,7 +97,7 @@ def prepare(flags: Mapping[str, Any], *, config_file: str | None = None,
             if diff:
                 raise UserError(f"--output_dir {out_dir} holds a run with a different config ({diff}); "
                                 "use another --output_dir or the same flags to resume")
-        elif any(p not in orphan_temps(out_dir) for p in out_dir.iterdir()):
+        elif set(out_dir.iterdir()) - orphan_temps(out_dir):  # a killed run's temp files alone are no content
             raise UserError(f"--output_dir {out_dir}: folder is not empty and holds no genome run")
     validate_more(cfg)
     return cfg, out_dir
@@ -222,6 +222,9 @@ class SyntheticScorer:
         pass
 
 
+EVAL_RETRIES = 2  # fresh evaluator workers tried after a crash within one scoring call, before the run stops
+
+
 class LLMScorer:
     """Real tasks: children exported as PEFT folders (tmpfs) to the vLLM evaluator, or scored in-process by the
     JAX scorer (`--backend jax`, no export). Fitness = weighted task scores on the dev split."""
@@ -248,9 +251,10 @@ class LLMScorer:
 
             allowed = (8, 16, 32, 64, 128, 256, 512)
             max_rank = next((a for a in allowed if a >= max(rank, 16)), rank)
+            # retries: a worker that dies or hangs mid-generation is restarted and the generation rescored
             self.evaluator = make_evaluator(model_path, endpoints=list(cfg.endpoints) or None,
                                             eval_mode=cfg.eval_mode, max_lora_rank=max_rank,
-                                            cache_dir=str(cache_dir), progress=progress)
+                                            cache_dir=str(cache_dir), progress=progress, retries=EVAL_RETRIES)
             self.scratch = Path(scratch_dir("genome-run-"))
             start = getattr(self.evaluator.backend, "start", None)
             if start is not None:  # start the engine now, so its start-up time is reported on its own

@@ -13,7 +13,9 @@ Never imports JAX.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
+import shutil
 import tempfile
 import time
 from typing import Sequence
@@ -49,10 +51,30 @@ class IndividualResult:
 
 
 def scratch_dir(prefix: str = "genome-adapters-") -> str:
-    """A fresh folder for exported adapters, in tmpfs (/dev/shm) where it exists and is writable."""
+    """A fresh folder `<prefix><pid>-*` for exported adapters, in tmpfs (/dev/shm) where it exists and is writable.
+    Folders of the same prefix left by a process that died (a SIGKILLed run) are removed first."""
     shm = "/dev/shm"
     base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-    return tempfile.mkdtemp(prefix=prefix, dir=base)
+    remove_dead_pid_dirs(base or tempfile.gettempdir(), prefix)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base)
+
+
+def remove_dead_pid_dirs(parent: str, prefix: str) -> None:
+    """Remove the folders `parent/<prefix><pid>-*` whose process no longer exists."""
+    for d in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*-*")):
+        pid = os.path.basename(d)[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class Evaluator:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +38,12 @@ def worker_env(extra: dict | None = None) -> dict:
     env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # reload_weights carries tensors
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in the worker: one process, no copies
     env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # each swap would log every untouched layer
+    # Safety: the engine's sockets (gloo's process group listens on TCP) stay on the loopback interface, whatever
+    # the host name resolves to.
+    env.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    env.setdefault("VLLM_LOOPBACK_IP", "127.0.0.1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     env["PYTHONPATH"] = _REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(extra or {})
     return env
@@ -93,10 +100,17 @@ class ManagedBackend:
             return self.info
         self._q = queue.Queue()
         log = open(self.log_path, "ab")
+        # a private temp folder (vLLM's file store rendezvous lives there), removed with the worker; one left by a
+        # SIGKILLed engine is removed by the next start
+        from evaluators.backends.base import remove_dead_pid_dirs
+
+        remove_dead_pid_dirs(tempfile.gettempdir(), "genome-worker-")
+        self._tmp = tempfile.mkdtemp(prefix=f"genome-worker-{os.getpid()}-")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "evaluators.backends.worker", json.dumps(self.cfg)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=_REPO_ROOT,
-            env=worker_env(self.env), start_new_session=True,  # own process group: we can kill all of it
+            env=worker_env({"TMPDIR": self._tmp, **(self.env or {})}),
+            start_new_session=True,  # own process group: we can kill all of it
         )
         log.close()
         self.starts += 1
@@ -163,6 +177,7 @@ class ManagedBackend:
         p, self.proc = self.proc, None
         if p is None:
             return
+        tmp, self._tmp = getattr(self, "_tmp", None), None
         for sig in ((signal.SIGTERM, signal.SIGKILL) if gentle else (signal.SIGKILL,)):
             try:
                 os.killpg(p.pid, sig)
@@ -178,6 +193,8 @@ class ManagedBackend:
                 s.close()
             except Exception:
                 pass
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def close(self) -> None:
         p = self.proc

@@ -63,7 +63,10 @@ def adapter_info(path: str) -> AdapterInfo:
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):  # PEFT allows a regex; the actual modules are then read from the weights
         targets = [targets]
-    if not any(os.path.isfile(os.path.join(path, w)) for w in WEIGHT_FILES):
+    if not os.path.isfile(os.path.join(path, WEIGHT_FILES[0])):
+        if os.path.exists(os.path.join(path, WEIGHT_FILES[1])):  # never unpickled, not even with weights_only
+            raise UserError(f"{path}/{WEIGHT_FILES[1]}: pickle weights refused (adapters are never unpickled); "
+                            "convert it to adapter_model.safetensors in a trusted environment")
         raise UserError(f"{path}: no adapter_model.safetensors")
     return AdapterInfo(path, max(ranks), tuple(sorted(targets)), cfg.get("base_model_name_or_path"))
 
@@ -116,11 +119,7 @@ def delta_weights(path: str):
     from safetensors.torch import load_file
 
     cfg = read_config(path)
-    wfile = os.path.join(path, WEIGHT_FILES[0])
-    if os.path.isfile(wfile):
-        sd = load_file(wfile)
-    else:
-        sd = torch.load(os.path.join(path, WEIGHT_FILES[1]), map_location="cpu", weights_only=True)
+    sd = load_file(os.path.join(path, WEIGHT_FILES[0]))  # safetensors only: adapters are never unpickled
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, val in sd.items():
         m = _KEY.match(key)

@@ -114,8 +114,8 @@ ffi::Error KthLargestAbsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
     return ffi::Error::Success();
   }
   // Shared state lives on the heap: a helper the pool starts late (after every row is taken) must not touch
-  // this frame. The caller works too and waits only for rows that a running thread has claimed, so a saturated
-  // pool can delay but never deadlock the call.
+  // this frame. The caller works too and then sleeps (futex wait, no spinning: the box is shared) only until the
+  // rows that running helpers claimed are done, so a saturated pool can delay but never deadlock the call.
   struct State {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
@@ -125,13 +125,12 @@ ffi::Error KthLargestAbsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
     std::vector<uint32_t> buf;
     for (int64_t r; (r = state->next.fetch_add(1)) < R;) {
       od[r] = KthLargestAbs(xd + r * n, n, kd[r], buf);
-      state->done.fetch_add(1, std::memory_order_release);
+      if (state->done.fetch_add(1, std::memory_order_acq_rel) + 1 == R) state->done.notify_all();
     }
   };
   for (int64_t c = 1; c < chunks; ++c) pool.Schedule(std::function<void()>(work));
   work();
-  while (state->done.load(std::memory_order_acquire) < R) {
-  }
+  for (int64_t d; (d = state->done.load(std::memory_order_acquire)) < R;) state->done.wait(d);
   return ffi::Error::Success();
 }
 

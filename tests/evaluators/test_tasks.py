@@ -318,22 +318,25 @@ def test_docs_worked_example_runs():
 
 
 # --------------------------------------------------------------------------------- slow: real SmolLM2, protocol
-def _model_path() -> str:
+@pytest.fixture(scope="module")
+def reference():
+    """(model_path, (model, tokenizer)) of the real SmolLM2, fp32, loaded once for this module's slow tests."""
+    from evaluators.reference import load_reference_model
     from genome_jax.model_store import default_model_path
 
-    return str(default_model_path())
+    path = str(default_model_path())
+    return path, load_reference_model(path)
 
 
 @pytest.mark.slow
-def test_mmlu_requests_scored_with_transformers_logits_end_to_end():
+def test_mmlu_requests_scored_with_transformers_logits_end_to_end(reference):
     """8 mmlu items: task -> ChoiceRequests -> reference backend -> score, against log-probs computed here directly
     from transformers logits of the full text prompt + option (a different route: one string, no token splicing)."""
     import torch
 
-    from evaluators.reference import answer_with_transformers, load_reference_model
+    from evaluators.reference import answer_with_transformers
 
-    path = _model_path()
-    model, tok = load_reference_model(path)
+    path, (model, tok) = reference
     task = get_task("mmlu", formatter=path)
     items = task.load("dev", 8)
     reqs = task.build_requests(items)
@@ -357,28 +360,28 @@ def test_mmlu_requests_scored_with_transformers_logits_end_to_end():
 
 
 @pytest.mark.slow
-def test_generate_requests_greedy_with_transformers_end_to_end():
+def test_generate_requests_greedy_with_transformers_end_to_end(reference):
     """2 gsm8k items through the chat template and greedy decoding; decoded text equals a hand-rolled argmax loop."""
     import torch
 
-    from evaluators.reference import answer_with_transformers, load_reference_model
+    from evaluators.reference import answer_with_transformers
 
-    path = _model_path()
-    model, tok = load_reference_model(path)
+    path, (model, tok) = reference
     task = get_task("gsm8k", formatter=path, generation=GenerationConfig(max_tokens=12))
     items = task.load("dev", 2)
     reqs = task.build_requests(items)
     responses = answer_with_transformers(path, reqs, _loaded=(model, tok))
     for req, resp in zip(reqs, responses):
         ids = tok(req.prompt, return_tensors="pt")["input_ids"]
-        new = []
-        with torch.no_grad():
+        new, past = [], None
+        with torch.no_grad():  # argmax loop with the KV cache: prefill once, then one token per step
             for _ in range(req.max_tokens):
-                nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+                out = model(input_ids=ids, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
                 if nxt == tok.eos_token_id:
                     break
                 new.append(nxt)
-                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+                ids = torch.tensor([[nxt]])
         assert resp.text == tok.decode(new, skip_special_tokens=True)
     result = task.score(items, responses)
     assert result.n == 2 and result.raw == tuple(r.text for r in responses)

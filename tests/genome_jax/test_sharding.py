@@ -117,8 +117,11 @@ def child_operators(a: dict) -> None:
 
     params = _params(a["method"])
     strategy = get_strategy(a["method"])
+    whole = lambda tree: tree  # noqa: E731
     if a["devices"]:
-        strategy = sharding.ShardedStrategy(strategy, sharding.population_mesh(), params)
+        mesh = sharding.population_mesh()
+        strategy = sharding.ShardedStrategy(strategy, mesh, params)
+        whole = lambda tree: sharding.replicate(tree, mesh)  # noqa: E731  (the scorer sees whole individuals)
     experts = synthetic_experts(0)
     problem = make_problem(experts, seed=1)
     k_init, k_run = jax.random.split(jax.random.PRNGKey(0))
@@ -126,7 +129,7 @@ def child_operators(a: dict) -> None:
     state = strategy.init(k_run, pop, score(problem, pop), params)
     for _ in range(GENERATIONS):
         children, state = strategy.ask(strategy.generation_key(state), state, params)
-        fitness = jnp.where(needs_score(state), score(problem, children), jnp.nan)
+        fitness = jnp.where(needs_score(state), score(problem, whole(children)), jnp.nan)
         state = strategy.tell(state, children, fitness, params)
     report = {"devices": jax.device_count(), "local_devices": jax.local_device_count(),
               "processes": jax.process_count(), "layout": _layout(state)}

@@ -44,14 +44,15 @@ def final_state(out: Path):
     import jax
     import jax.numpy as jnp
 
-    from genome_jax import synthetic
     from genome_jax.checkpoint import restore_latest
     from genome_jax.run_config import run_config_from_dict, strategy_params
     from genome_jax.strategies import get_strategy
 
+    from scripts.run_loop import _load_experts
+
     cfg = run_config_from_dict(json.loads((out / "run_config.json").read_text()), "saved")
     params = strategy_params(cfg)
-    experts = synthetic.synthetic_experts(cfg.seed)
+    experts = _load_experts(cfg).factors  # the run's own parents: synthetic ones, or its --lora_dir
     n0 = params.population_size
     zeros = jax.tree_util.tree_map(lambda a: jnp.zeros((n0,) + a.shape[1:], a.dtype), experts)
     template = get_strategy(cfg.method).init(jax.random.PRNGKey(0), zeros, jnp.zeros((n0,), jnp.float32), params)
@@ -141,3 +142,26 @@ def fill(fs: Path, leave: int) -> Path:
 def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+def real_shaped_experts(where: Path, model_path: Path, n: int = 2, rank: int = 4, scale: float = 0.01,
+                        layers=(0, 1)) -> Path:
+    """n PEFT folders on the real model's q_proj (layers 0-1), random and seeded: valid adapters for it, written
+    without loading the model (only its config.json)."""
+    from safetensors.numpy import save_file
+
+    hidden = json.loads((Path(model_path) / "config.json").read_text())["hidden_size"]
+    for i in range(n):
+        rng = np.random.default_rng(1000 + i)
+        t = {}
+        for layer in layers:
+            key = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+            t[f"{key}.lora_A.weight"] = (rng.standard_normal((rank, hidden)) / hidden ** .5).astype(np.float32)
+            t[f"{key}.lora_B.weight"] = (rng.standard_normal((hidden, rank)) * scale).astype(np.float32)
+        folder = where / f"expert{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_path), "r": rank,
+            "lora_alpha": 2 * rank, "target_modules": ["q_proj"], "bias": "none", "use_rslora": False}))
+        save_file(t, str(folder / "adapter_model.safetensors"))
+    return where

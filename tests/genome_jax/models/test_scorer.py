@@ -76,12 +76,13 @@ def test_population_chunks_and_single_adapters_agree(tiny):
             d_out, d_in = cfg.module_shape(name)
             factors[llama.module_path(layer, name)] = {"A": 0.3 * jax.random.normal(ka, (5, 4, d_in)),
                                                        "B": 0.3 * jax.random.normal(kb, (5, d_out, 4))}
-    full = scorer.score_population(params, cfg, factors, reqs, tok, batch_size=4, bucket=8, pop_chunk=None)
-    chunked = scorer.score_population(params, cfg, factors, reqs, tok, batch_size=3, bucket=16, pop_chunk=2)
+    full = scorer.score_population(params, cfg, factors, reqs, tok, batch_size=4, bucket=16, pop_chunk=None)
+    chunked = scorer.score_population(params, cfg, factors, reqs, tok, batch_size=4, bucket=16, pop_chunk=2)
     np.testing.assert_allclose(chunked, full, atol=1e-5, equal_nan=True)
     for p in (0, 4):
         one = jax.tree.map(lambda x: x[p : p + 1], factors)
-        np.testing.assert_allclose(scorer.score_population(params, cfg, one, reqs, tok)[0], full[p], atol=1e-5,
+        np.testing.assert_allclose(scorer.score_population(params, cfg, one, reqs, tok, batch_size=4, bucket=16)[0],
+                                   full[p], atol=1e-5,
                                    equal_nan=True)
     ids = jnp.asarray([tok("hello")["input_ids"]])
     logits = llama.forward(params, ids, config=cfg, lora=llama.stack_lora(factors, cfg))[:, 0, -1]
