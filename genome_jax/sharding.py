@@ -92,9 +92,12 @@ def check_divisible(pop_sizes: int | Iterable[int], mesh: Mesh) -> None:
 
 
 def leaf_sharding(leaf: Any, mesh: Mesh, pop_sizes: int | Iterable[int]) -> NamedSharding:
-    """Population sharding for a leaf whose leading axis is a population axis, else replicated."""
+    """Population sharding for a per-individual array (a leaf with ndim >= 2 whose leading axis is a population
+    axis: the LoRA factors, velocities, personal bests), else replicated. Per-individual scalars (fitness, masks,
+    sources: P numbers) stay whole on every device: splitting them saves nothing, and a sum over a split axis
+    would add in another order than on one device (the run would no longer be bit-identical)."""
     shape = getattr(leaf, "shape", ())
-    if len(shape) >= 1 and shape[0] in _sizes(pop_sizes) and shape[0] % mesh.devices.size == 0:
+    if len(shape) >= 2 and shape[0] in _sizes(pop_sizes) and shape[0] % mesh.devices.size == 0:
         return population_sharding(mesh)
     return replicated(mesh)
 
@@ -112,17 +115,21 @@ def shard_tree(tree: Any, mesh: Mesh, pop_sizes: int | Iterable[int]) -> Any:
     each process builds only its own shards from it. Device arrays are resharded on device.
     """
     check_divisible(pop_sizes, mesh)
-    shardings = tree_shardings(tree, mesh, pop_sizes)
+    return jax.tree.map(_place, tree, tree_shardings(tree, mesh, pop_sizes))
 
-    def place(x, s):
-        if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() == 1:
+
+def _place(x: Any, s: NamedSharding) -> jax.Array:
+    """One leaf onto sharding s. Multi-process: a process-local value is taken as the global value (the same on
+    every process), and each process builds only its own shards from it."""
+    if isinstance(x, jax.Array):
+        if x.sharding == s:
+            return x
+        if jax.process_count() == 1:
             return jax.device_put(x, s)
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.is_fully_addressable:
             return _reshard(x, s)
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
-
-    return jax.tree.map(place, tree, shardings)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,8 +199,7 @@ def shard_jit(
             compiled[sig] = (jitted, in_sh)
         else:
             jitted, in_sh = jitted
-        if jax.process_count() == 1:  # commit every input to its sharding (no-op when it already has it)
-            args = jax.device_put(args, in_sh)
+        args = jax.tree.map(_place, args, in_sh)  # commit every input to its sharding (no-op when it has it)
         return jitted(*args)
 
     wrapped.mesh = mesh  # type: ignore[attr-defined]

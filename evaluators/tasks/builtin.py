@@ -20,6 +20,9 @@ class FileTask(Task):
     def __init__(self, *, path: str | os.PathLike | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.path = os.path.expanduser(os.fspath(path)) if path is not None else task_file(self.name, self.data_dir)
+        if not os.path.isfile(self.path):  # fail at construction, before any scoring work starts
+            where = f" (data_dir {self.data_dir})" if self.data_dir else ""
+            raise UserError(f"task '{self.name}': file not found: {self.path}{where}")
 
     def load_data(self, split: str) -> list[Item]:
         return load_split(self.path, split, self.kind)

@@ -59,6 +59,8 @@ def test_data_dir_override(tmp_path):
                                                              "answer": "B"}], "test": []}))
     task = get_task("mmlu", data_dir=str(tmp_path))
     assert [it["answer"] for it in task.load("dev")] == ["B"]
+    with pytest.raises(UserError, match=r"task 'gsm8k': file not found: .*gsm8k\.json \(data_dir "):
+        get_task("gsm8k", data_dir=str(tmp_path))
 
 
 def test_unknown_task_name():

@@ -248,7 +248,7 @@ def test_sharded_run_is_identical_to_unsharded(runs, method):
     assert report["generations"] == GENERATIONS and report["resumed_from"] is None
     # the population really is split over the 8 devices; per-run scalars are replicated
     assert report["layout"][POP_A] == [8, ["pop"]]
-    assert report["layout"][".fitness"] == [8, ["pop"]]
+    assert report["layout"][".fitness"] == [8, []]  # P numbers: whole on every device
     assert report["layout"][".generation"] == [8, []]
     _assert_identical(sharded, reference)
     # and the run went somewhere: the best improved over the generations
@@ -321,18 +321,19 @@ def test_layout_rules_in_process():
 
     mesh = sharding.population_mesh(n_devices=1)
     tree = {"pop": jnp.zeros((8, 3)), "children": jnp.zeros((12, 2)), "key": jnp.zeros((2,), jnp.uint32),
-            "scalar": jnp.zeros(()), "history": jnp.zeros((11, 3))}
+            "scalar": jnp.zeros(()), "history": jnp.zeros((11, 3)), "fitness": jnp.zeros((8,))}
     sh = sharding.tree_shardings(tree, mesh, (8, 12))
     assert sh["pop"].spec == jax.sharding.PartitionSpec("pop")
     assert sh["children"].spec == jax.sharding.PartitionSpec("pop")
-    assert sh["key"].spec == sh["scalar"].spec == sh["history"].spec == jax.sharding.PartitionSpec()
+    for name in ("key", "scalar", "history", "fitness"):
+        assert sh[name].spec == jax.sharding.PartitionSpec(), name
     abstract = sharding.abstract_tree(tree, mesh, (8, 12))
     assert abstract["pop"].shape == (8, 3) and abstract["pop"].sharding == sh["pop"]
-    placed = sharding.shard_tree({"pop": np.arange(8.0)}, mesh, 8)
-    assert np.array_equal(np.asarray(placed["pop"]), np.arange(8.0))
+    placed = sharding.shard_tree({"pop": np.arange(16.0).reshape(8, 2)}, mesh, 8)
+    assert np.array_equal(np.asarray(placed["pop"]), np.arange(16.0).reshape(8, 2))
     f = sharding.shard_jit(lambda x: (x * 2, x.sum()), mesh, 8)
     y, s = f(placed["pop"])
-    assert np.array_equal(np.asarray(y), np.arange(8.0) * 2) and float(s) == 28.0
+    assert np.array_equal(np.asarray(y), np.arange(16.0).reshape(8, 2) * 2) and float(s) == 120.0
     assert not sharding.initialize_distributed()  # no cluster configured: a no-op
 
 
