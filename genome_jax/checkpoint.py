@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import zlib
 from pathlib import Path
 from typing import Any, Mapping
@@ -131,6 +132,23 @@ def _storage_errors(directory: Path):
                         "free some space and rerun the same command to resume") from None
 
 
+def _quiet_closed_loop_noise() -> None:
+    """A failed restore leaves tensorstore reads in flight; when they finish, orbax's event loop is already closed
+    and each reports `RuntimeError: Event loop is closed` as an unraisable exception (a bare traceback on stderr,
+    seen with a step whose manifest is missing). That is noise after the fallback warning: drop it, only it."""
+    prev = sys.unraisablehook
+    if getattr(prev, "_genome_quiet", False):
+        return
+
+    def hook(u):
+        if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
+            return
+        prev(u)
+
+    hook._genome_quiet = True
+    sys.unraisablehook = hook
+
+
 # ---- orbax ----
 
 def _manager(directory: Path, *, keep: int, async_save: bool, read_only: bool = False) -> ocp.CheckpointManager:
@@ -165,6 +183,7 @@ def _restore_with_fallback(mgr: ocp.CheckpointManager, directory: Path, target) 
             if wrong:
                 raise ValueError(f"checksum mismatch in {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
         except Exception as e:  # any failure to read a step means: try the one before it
+            _quiet_closed_loop_noise()
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             msg = f"{type(e).__name__}: {first[:300]}{'...' if len(first) > 300 else ''}"  # tensorstore errors are long
             log.warning("checkpoint step %d in %s is corrupt or incomplete (%s); falling back to an earlier step",

@@ -90,7 +90,8 @@ def _trisect(lo, hi):
 
 def _refine(m, k, lo, clo, hi, chi, p0, p1, *, packed: bool, max_passes: int = _MAX_PASSES):
     """Shrink [lo, hi) until exact. First pass uses pivots (p0, p1); later ones interpolate. Shapes: m (..., n),
-    the rest (...). Returns (lo, clo, passes): count(m >= f(lo)) == clo, and the k-th largest value is min{m >= f(lo)}."""
+    the rest (...). Returns (lo, clo, passes): count(m >= f(lo)) == clo, and the k-th largest value is
+    min{m >= f(lo)}."""
 
     def done(lo, clo, hi):
         return (clo == k) | (hi - lo <= 1)

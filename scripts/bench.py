@@ -8,7 +8,7 @@ import importlib
 
 # name -> one-line help (the module is scripts.bench_<name>)
 BENCHMARKS: dict[str, str] = {
-    "operators": "merge / mutation / selection operator throughput (JAX, jit vs no-jit)",
+    "operators": "a generation (select + crossover + mutate) vs the PEFT merge loop, and memory bandwidth",
     "eval": "vLLM scoring: weight swap vs multi-LoRA",
     "trainer": "LoRA expert training steps (optax)",
     "scorer": "the JAX scorer vs vLLM",

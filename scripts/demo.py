@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     })
     cfg, out = run_loop.prepare({k: v for k, v in cfg.to_dict().items() if v is not None})
     _say(f"3/4 GENOME+ on {target}: population {cfg.population_size} -> {cfg.max_population_size}, "
-         f"{cfg.max_iter} generations, fitness = accuracy on {cfg.n_dev} dev samples (choice_logprob), "
+         f"{cfg.max_iter} generation{'s' * (cfg.max_iter != 1)}, fitness = accuracy on {cfg.n_dev} dev samples (choice_logprob), "
          f"vLLM evaluator process; run folder {out}")
     t = time.perf_counter()
     result = run_loop.run(cfg, out, progress=not args.quiet, log=lambda line: print(f"    {line}", flush=True))
@@ -114,7 +114,8 @@ def timing_lines(result: dict, parts: dict[str, float]) -> str:
     evo, fin = t.get("evolution", {}), t.get("final", {})
     return (f"    time: model {parts['model']:.1f}s | experts {parts['experts']:.1f}s | "
             f"evaluator start {t.get('evaluator_start', 0.0):.1f}s | "
-            f"evolution ({result['generations']} generations) {evo.get('total', 0.0):.1f}s "
+            f"evolution ({result['generations']} generation{'s' * (result['generations'] != 1)}) "
+            f"{evo.get('total', 0.0):.1f}s "
             f"[operators {evo.get('operators', 0.0):.1f}s, export {evo.get('export', 0.0):.1f}s, "
             f"scoring {evo.get('scoring', 0.0):.1f}s, checkpoints {evo.get('checkpoint', 0.0):.1f}s] | "
             f"test split + ensembles {fin.get('total', 0.0):.1f}s | total {parts['total']:.1f}s")

@@ -98,8 +98,9 @@ def extract_path_length(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------- free answer (DROP-like)
-# 1. an explicit statement "Answer: X" / "the answer is X" -> X up to the end of that line
-FREE_ANSWER_IS = r"(?:^|[^A-Za-z])[Aa]nswer(?:\s+is)?\s*[:\-]?\s*(.+)"
+# 1. an explicit statement "Answer: X" / "the answer is X" / "answer is: X" -> X up to the end of that line
+#    ("an answer to the question" is not one: "answer" must be followed by "is" or ":")
+FREE_ANSWER_IS = r"(?:^|[^A-Za-z])[Aa]nswer(?:\s+is\s*:?|\s*:)[ \t]*(\S.*)"
 # 2. otherwise the first non-empty line. Either way, surrounding quotes, asterisks and a final period are stripped.
 
 

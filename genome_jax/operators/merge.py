@@ -9,19 +9,22 @@ Every method is written for one child over a stack of its K parents' tensors and
 the single-child method over children and is jitted as one program (no Python loop over children). Child c uses the
 key `fold_in(split(key, C)[c], leaf_index)` for its leaf, so it equals `merge_one(split(key, C)[c], ...)`.
 
-Methods, parameters and the semantics they reproduce (x_k: parent tensors, w_k: weights):
-| method           | child                                                       | reproduces                          |
-|------------------|-------------------------------------------------------------|-------------------------------------|
-| linear           | sum w_k x_k / sum w_k                                        | mergekit `linear` (normalize=true)  |
-| task_arithmetic  | scale * sum w_k x_k                                          | PEFT `task_arithmetic`; mergekit `task_arithmetic` with lambda=scale, normalize=false |
-| ties             | trim each x_k to its top `density` by magnitude, elect sign, disjoint merge (see `normalize`) | PEFT `ties` (normalize="count"); mergekit `ties` (normalize="weight" / "none") |
-| dare_linear      | sum w_k m_k x_k / density, m_k ~ Bernoulli(density)          | PEFT `dare_linear` (rescale=True)   |
-| dare_ties        | DARE drop + rescale, then TIES election and disjoint merge   | PEFT `dare_ties`                    |
-| magnitude_prune  | sum w_k trim(x_k)                                            | PEFT `magnitude_prune`              |
-| breadcrumbs      | sum w_k x_k restricted to magnitude ranks (n_top, n_top + n_keep], n_top = int(gamma n), n_keep = int(density n) | mergekit `breadcrumbs` (magnitude_outliers; its off-by-one at gamma=0 not copied) |
-| slerp            | spherical interpolation of the two parents at t (lerp when nearly parallel, |cos| > 0.9995) | mergekit `slerp`; t=None -> w_1 / (w_0 + w_1) |
-| blx_alpha        | per gene U[min - alpha d, max + alpha d], d = max - min over parents | BLX-alpha (Eshelman & Schaffer 1993) |
-| uniform          | per gene, the value of parent k drawn with probability w_k / sum w | uniform crossover           |
+Methods (x_k: parent tensors, w_k: weights) and the semantics they reproduce:
+- linear: sum w_k x_k / sum w_k. mergekit `linear` (normalize=true).
+- task_arithmetic: scale * sum w_k x_k. PEFT `task_arithmetic`; mergekit `task_arithmetic` (lambda=scale).
+- ties: trim each x_k to its top-`density` magnitudes, elect a sign per entry, disjoint merge (see `normalize`).
+  PEFT `ties` (normalize="count"); mergekit `ties` (normalize="weight" / "none").
+- dare_linear: sum w_k m_k x_k / density, m_k ~ Bernoulli(density) per entry. PEFT `dare_linear` (rescale=True).
+- dare_ties: the DARE drop + rescale, then TIES election and disjoint merge. PEFT `dare_ties`.
+- magnitude_prune: sum w_k trim(x_k). PEFT `magnitude_prune`.
+- breadcrumbs: sum w_k x_k restricted to magnitude ranks (n_top, n_top + n_keep], n_top = int(gamma n),
+  n_keep = int(density n) (n_top shrinks if the two exceed n). mergekit `breadcrumbs` (`magnitude_outliers`),
+  without its empty slice at gamma = 0.
+- slerp: spherical interpolation of 2 parents at t (plain lerp when |cos| > 0.9995), per tensor. mergekit `slerp`;
+  t=None takes t = w_1 / (w_0 + w_1).
+- blx_alpha: each gene uniform in [min - alpha d, max + alpha d], d = max - min over the parents (BLX-alpha,
+  Eshelman & Schaffer 1993: children can leave the parents' interval).
+- uniform: each gene copied from parent k with probability w_k / sum w (uniform crossover).
 `normalize` ("count" | "weight" | "none"): TIES-type methods divide by the number of agreeing parents (PEFT; sign
 elected from unweighted values), by the agreeing weight (mergekit normalize=true; sign from weighted values), or
 not at all (mergekit normalize=false). For the sum-type methods (task_arithmetic, dare_linear, magnitude_prune,

@@ -64,7 +64,8 @@ inline uint32_t SelectKeys(uint32_t* keys, int64_t m, int64_t need, uint32_t lo,
 inline void Bracket(const float* x, int64_t n, uint32_t lo, uint32_t hi, uint32_t* out, int64_t& above, int64_t& m) {
   int64_t a = 0, w = 0, i = 0;
 #ifdef __AVX512F__
-  const __m512i absmask = _mm512_set1_epi32(0x7fffffff), vlo = _mm512_set1_epi32(int(lo)), vhi = _mm512_set1_epi32(int(hi));
+  const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+  const __m512i vlo = _mm512_set1_epi32(int(lo)), vhi = _mm512_set1_epi32(int(hi));
   for (; i + 16 <= n; i += 16) {
     __m512i u = _mm512_and_si512(_mm512_loadu_si512(x + i), absmask);  // keys are < 2^31: signed compares are fine
     __mmask16 gt = _mm512_cmpgt_epi32_mask(u, vhi);

@@ -136,6 +136,10 @@ def test_requests_roundtrip_protocol_json():
     ("The answer is E", ""),  # not a label of this item
     ("Option B is correct", "B"),
     ("Genetics matters most for (D) marital satisfaction", "D"),
+    # real SmolLM2-135M-Instruct replies (greedy, mmlu dev items 1-2 in generate mode)
+    ("C. Loss of hair", "C"),
+    ("C. difference between the initial budget proposals made by the president and Congress\n\n"
+     "The correct answer is: C. difference", "C"),
 ])
 def test_extract_choice(text, expected):
     options = ["The development of wisdom", "Longevity", "Loss of hair", "Marital satisfaction"]
@@ -175,6 +179,7 @@ def test_extract_yes_no(text, expected):
     ("16 -> 3 -> 19, length 11", "11"),
     ("11 (via node 3)", "11"),
     ("16-3-19", "19"),
+    ("The shortest path between node 16 and node 19 is 18.", "18"),  # real SmolLM2 reply (nlgraph dev item 0)
     ("no idea", ""),
 ])
 def test_extract_path_length(text, expected):
@@ -188,6 +193,12 @@ def test_extract_path_length(text, expected):
     ("\n\n**Bangkok Metropolitan Region**\n", "Bangkok Metropolitan Region"),
     ("Based on the passage, the answer is 2.\nExplanation: ...", "2"),
     ("", ""),
+    # real SmolLM2-135M-Instruct replies (greedy, drop dev items 0-2)
+    ("The Texans kicked the shorter field goal in the first quarter.",
+     "The Texans kicked the shorter field goal in the first quarter"),
+    ("The answer is: 1917", "1917"),
+    ("The passage is not a specific answer to the question. It is a continuation of the previous answer",
+     "The passage is not a specific answer to the question. It is a continuation of the previous answer"),
 ])
 def test_extract_free_answer(text, expected):
     assert ex.extract_free_answer(text) == expected

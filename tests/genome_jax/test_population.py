@@ -270,9 +270,9 @@ def test_export_refuses_to_clobber_and_leaves_nothing_half_written(toy_dir, tmp_
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.numpy, "save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match=r"new: cannot write the adapter \(disk full\)"):  # one line, names it
         export_adapter(p, 0, tmp_path / "out" / "new")
-    with pytest.raises(OSError):
+    with pytest.raises(UserError):
         export_adapter(p, 0, dst)
     assert sorted(x.name for x in (tmp_path / "out").iterdir()) == ["child", "precious"]
     assert json.loads((dst / "adapter_config.json").read_text())["r"] == 4

@@ -22,9 +22,9 @@ import pytest
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[2]
-GENERATIONS = 6
+GENERATIONS = 4
 POP_A = ".population['model.layers.0.self_attn.q_proj']['A']"  # a population leaf's path in the state
-RESUME_AT = 3
+RESUME_AT = 2
 
 
 def _params(method: str):
@@ -195,8 +195,15 @@ def _load(path) -> dict[str, np.ndarray]:
 
 
 def _assert_identical(a: dict, b: dict) -> None:
+    """Every leaf bit for bit, except the mean column of the fitness history: a float sum over the population,
+    which XLA fuses differently once the program is partitioned (it may differ in the last bit; checked to 2 ulp)."""
     assert a.keys() == b.keys()
     differ = [k for k in a if a[k].dtype != b[k].dtype or not np.array_equal(a[k], b[k], equal_nan=True)]
+    if ".history" in differ:
+        ha, hb = a[".history"], b[".history"]
+        assert np.array_equal(ha[:, [0, 2]], hb[:, [0, 2]], equal_nan=True), "best / worst history differs"
+        np.testing.assert_allclose(hb[:, 1], ha[:, 1], rtol=2.5e-7, atol=0, err_msg="mean fitness history")
+        differ.remove(".history")
     assert not differ, f"leaves differ: {differ}"
 
 

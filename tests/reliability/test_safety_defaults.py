@@ -75,8 +75,9 @@ def test_real_worker_never_runs_model_code(model_path, tmp_path):
     model, marker = _custom_code_model(model_path, tmp_path / "model")
     backend = ManagedBackend(str(model), mode="swap", log_path=str(tmp_path / "worker.log"), startup_timeout_s=600)
     try:
-        with pytest.raises(EvaluatorCrashed, match="could not start"):
+        with pytest.raises(EvaluatorCrashed, match="could not start") as refused:
             backend.start()
+        assert "trust_remote_code" in str(refused.value)  # refused for that reason, not another
     finally:
         backend.close()
     assert not marker.exists(), "the model's custom code ran"

@@ -104,6 +104,23 @@ def test_fault_points_cover_saving_exporting_and_scoring(chains):
     points = {p for _, faults in CHAINS.values() for p, _ in faults}
     assert points == SAVING | EXPORTING | SCORING
     assert sum(len(f) for _, f in CHAINS.values()) >= 10
+    # the windows are real: some kills do leave temp files behind (which the resumed runs must remove)
+    left = [s["point"] for r in chains[2].values() for s in r["steps"] if s["orphans"]]
+    assert {"json_temp_written", "adapter_temp_written", "plot_temp_written"} <= set(left), left
+
+
+def test_fault_points_are_inert_unless_asked(tmp_path, monkeypatch):
+    from genome_jax import faults
+
+    for k in (faults.ENV, faults.TRACE_ENV):
+        monkeypatch.delenv(k, raising=False)
+    faults.point("scored")  # unset: nothing happens (we are still alive)
+    trace = tmp_path / "trace"
+    monkeypatch.setenv(faults.TRACE_ENV, str(trace))
+    monkeypatch.setenv(faults.ENV, "some_other_point:1")
+    faults.point("scored")
+    faults.point("exported")
+    assert trace.read_text().split() == ["scored", "exported"]
 
 
 @pytest.mark.parametrize("name", list(CHAINS))
