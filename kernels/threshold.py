@@ -189,10 +189,14 @@ def _select(m, k, *, sample: int | None):
     return lo, passes
 
 
-def _prepare(x, k):
+def _prepare(x, k, *, absolute: bool = True):
+    """x (..., n) -> (rows (R, n) float32, k (R,) int32 clipped to [0, n], leading shape). The native kernel takes
+    |x| itself, so it gets the raw rows (no materialised |x| pass)."""
     x = jnp.asarray(x)
     lead, n = x.shape[:-1], x.shape[-1]
-    m = jnp.abs(x.astype(jnp.float32)).reshape(-1, n)
+    m = x.astype(jnp.float32).reshape(-1, n)
+    if absolute:
+        m = jnp.abs(m)
     k = jnp.clip(jnp.broadcast_to(jnp.asarray(k, jnp.int32), lead).reshape(-1), 0, n)
     return m, k, lead
 
@@ -221,10 +225,11 @@ def magnitude_cut(x, k, *, impl: str = "auto", sample: int | None = None) -> jax
     pass of `magnitude_threshold` (c need not be an entry of x); the native path returns the threshold itself.
     Use it to build top-k masks (TIES / magnitude pruning).
     """
-    m, k, lead = _prepare(x, k)
+    native_path = resolve_impl(impl) == "native"
+    m, k, lead = _prepare(x, k, absolute=not native_path)
     if m.shape[-1] == 0 or m.shape[0] == 0:
         return jnp.full(lead, jnp.inf, jnp.float32)
-    if resolve_impl(impl) == "native":
+    if native_path:
         from kernels import native
 
         return native.kth_largest_abs(m, k).reshape(lead)
@@ -238,10 +243,11 @@ def magnitude_threshold(x, k, *, impl: str = "auto", sample: int | None = None) 
     Equals `np.sort(np.abs(x), -1)[..., n - k]` bit for bit (k >= 1), with no sort and no top_k. `impl`: "auto"
     (native radix select on CPU when it builds, else jnp), "native" or "jnp".
     """
-    m, k, lead = _prepare(x, k)
+    native_path = resolve_impl(impl) == "native"
+    m, k, lead = _prepare(x, k, absolute=not native_path)
     if m.shape[-1] == 0 or m.shape[0] == 0:
         return jnp.full(lead, jnp.inf, jnp.float32)
-    if resolve_impl(impl) == "native":
+    if native_path:
         from kernels import native
 
         return native.kth_largest_abs(m, k).reshape(lead)

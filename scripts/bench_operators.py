@@ -49,12 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--density", type=float, default=0.2)
     parser.add_argument("--parents", type=int, default=2, help="K parents per child (default 2)")
     parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls after the warm-up (median reported)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed calls after the warm-up (median reported; at most 3 for the --scaling sizes)")
     parser.add_argument("--baseline-children", type=int, default=3,
                         help="children the PEFT loop merges (its time is extrapolated to P); 0 skips the baseline")
     parser.add_argument("--baseline-threads", type=int, default=1,
                         help="torch threads for the baseline (1 is its fastest setting on the shared 2-core box)")
-    parser.add_argument("--mem-budget-gb", type=float, default=3.0,
+    parser.add_argument("--mem-budget-gb", type=float, default=1.5,
                         help="population + children bytes allowed for the --scaling sizes (layers shrink to fit)")
     parser.add_argument("--probe-mb", type=int, default=512, help="size of the bandwidth probe's array")
     parser.add_argument("--mutation", choices=("lean", "helper"), default="lean",
@@ -251,11 +252,12 @@ def run(args: argparse.Namespace) -> int:
         idx = jax.random.randint(jax.random.fold_in(key, 2), (P, K), 0, P)
         w = jax.random.dirichlet(jax.random.fold_in(key, 3), np.ones(K), (P,))
         cross = lambda: jax.block_until_ready(merge.crossover(key, factors, idx, w, config=config))
-        first, c_wall, c_cpu = _median_time(cross, args.repeats)
+        reps = args.repeats if si == 0 else max(1, min(3, args.repeats))
+        first, c_wall, c_cpu = _median_time(cross, reps)
         print(f"  P={P} ({layers} layers): crossover: first call {first:.1f} s (compile), median {c_wall:.3f} s "
               f"wall / {c_cpu:.3f} s CPU", flush=True)
         gen, used = make_generation(config, P, K, args.mutation)
-        first, g_wall, g_cpu = _median_time(lambda: gen(key, factors, fitness), args.repeats)
+        first, g_wall, g_cpu = _median_time(lambda: gen(key, factors, fitness), reps)
         print(f"  P={P}: generation [{used}]: first call {first:.1f} s, median {g_wall:.3f} s wall / "
               f"{g_cpu:.3f} s CPU", flush=True)
         scale = layers / args.layers  # this size's children are `scale` of a full child

@@ -61,6 +61,8 @@ class TrainConfig:
     batch_rows: int = 2
     seq_len: int = 256  # row length; longer examples are skipped
     max_targets: int = 32  # answer tokens per row (loss positions)
+    max_choices: int = 16  # option tokens per answer for the "choice" loss
+    loss: str = "choice"  # "choice": softmax over the options' tokens; "token": over the whole vocabulary
     seed: int = 0
     remat: bool = False
     dtype: str = "float32"  # base weights + activations (bfloat16: LoRA factors, optimizer state, loss stay float32)
@@ -77,6 +79,8 @@ class TrainConfig:
         bad = [t for t in self.targets if t not in llama.LORA_MODULES]
         if bad or not self.targets:
             raise UserError(f"unknown target modules {bad or '(none)'} (choose from {', '.join(llama.LORA_MODULES)})")
+        if self.loss not in ("choice", "token"):
+            raise UserError(f"loss must be 'choice' or 'token', got {self.loss!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.batch_rows < 1 or self.seq_len < 8 or self.max_targets < 1:
@@ -114,10 +118,15 @@ class ExpertSpec:
 # --------------------------------------------------------------------------------------------------- data
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """tokens: prompt + answer ids; the last n_target tokens are the answer (the loss is on them only)."""
+    """tokens: prompt + answer ids; the last n_target tokens are the answer (the loss is on them only).
+
+    options: for a multiple-choice example whose options are one token each (" A", " B", ...), those token ids
+    (the gold one among them): the "choice" loss normalises over them only, as choice_logprob scoring does.
+    Empty: the answer tokens are scored against the whole vocabulary."""
 
     tokens: tuple[int, ...]
     n_target: int
+    options: tuple[int, ...] = ()
 
 
 def answer_text(task: Any, item: dict) -> str:
@@ -145,20 +154,26 @@ def task_examples(task: Any, split: str, tokenizer: Any, *, max_len: int | None 
             if item["answer"] not in labels:
                 raise UserError(f"{task.name}: item {item.get('id', item.get('_index'))}: answer "
                                 f"{item['answer']!r} is not one of the choices {labels}")
-            answer = list(tokenizer(req.options[labels.index(item["answer"])], add_special_tokens=False)["input_ids"])
+            option_ids = [list(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in req.options]
+            answer = option_ids[labels.index(item["answer"])]
+            single = all(len(o) == 1 for o in option_ids)
+            options = tuple(o[0] for o in option_ids) if single else ()
         else:
+            options = ()
             answer = list(tokenizer(answer_text(task, item), add_special_tokens=False)["input_ids"])
             if eos is not None:
                 answer.append(int(eos))
         if max_len is None or len(prompt) + len(answer) <= max_len:
-            out.append(Example(tokens=tuple(prompt + answer), n_target=len(answer)))
+            out.append(Example(tokens=tuple(prompt + answer), n_target=len(answer), options=options))
     return out
 
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
     """Packed rows. tokens, positions, segments: (R, T) int32; tgt_row, tgt_pos, tgt_tok: (R*K,) int32 (the token
-    at tgt_pos + 1 = tgt_tok is predicted from position tgt_pos); tgt_w: (R*K,) float32 (0 = padding)."""
+    at tgt_pos + 1 = tgt_tok is predicted from position tgt_pos); tgt_w: (R*K,) float32 (0 = padding);
+    tgt_opts: (R*K, C) int32, the option tokens the "choice" loss normalises over (-1 = none; a row of -1 means the
+    whole vocabulary)."""
 
     tokens: np.ndarray
     positions: np.ndarray
@@ -167,6 +182,7 @@ class Batch:
     tgt_pos: np.ndarray
     tgt_tok: np.ndarray
     tgt_w: np.ndarray
+    tgt_opts: np.ndarray
 
     @property
     def n_tokens(self) -> int:
@@ -176,7 +192,8 @@ class Batch:
 def packed_batches(examples: Sequence[Example], cfg: TrainConfig, seed: int) -> Iterator[Batch]:
     """Endless stream of packed batches: examples in a seeded shuffled order (reshuffled each epoch), placed in
     order into rows of cfg.seq_len tokens (a row closes when the next example does not fit)."""
-    usable = [e for e in examples if len(e.tokens) <= cfg.seq_len and e.n_target <= cfg.max_targets]
+    usable = [e for e in examples if len(e.tokens) <= cfg.seq_len and e.n_target <= cfg.max_targets
+              and len(e.options) <= cfg.max_choices]
     if not usable:
         raise UserError(f"no training example fits seq_len={cfg.seq_len}")
     rng = np.random.RandomState(seed)
@@ -187,6 +204,7 @@ def packed_batches(examples: Sequence[Example], cfg: TrainConfig, seed: int) -> 
         positions = np.zeros((r, t), np.int32)
         segments = np.zeros((r, t), np.int32)  # 0 = padding, 1.. = example within the row
         tgt = np.zeros((4, r, k), np.int64)  # row, pos, tok, weight
+        opts = np.full((r, k, cfg.max_choices), -1, np.int64)
         for row in range(r):
             used, n_tgt, seg = 0, 0, 0
             while True:
@@ -205,11 +223,14 @@ def packed_batches(examples: Sequence[Example], cfg: TrainConfig, seed: int) -> 
                 segments[row, used : used + n] = seg
                 for j in range(ex.n_target):
                     tgt[:, row, n_tgt + j] = (row, used + n - ex.n_target - 1 + j, ex.tokens[n - ex.n_target + j], 1)
+                    if ex.options and cfg.loss == "choice":
+                        opts[row, n_tgt + j, : len(ex.options)] = ex.options
                 used += n
                 n_tgt += ex.n_target
         yield Batch(tokens=tokens, positions=positions, segments=segments,
                     tgt_row=tgt[0].reshape(-1).astype(np.int32), tgt_pos=tgt[1].reshape(-1).astype(np.int32),
-                    tgt_tok=tgt[2].reshape(-1).astype(np.int32), tgt_w=tgt[3].reshape(-1).astype(np.float32))
+                    tgt_tok=tgt[2].reshape(-1).astype(np.int32), tgt_w=tgt[3].reshape(-1).astype(np.float32),
+                    tgt_opts=opts.reshape(r * k, -1).astype(np.int32))
 
 
 # --------------------------------------------------------------------------------------------------- model side
@@ -232,12 +253,21 @@ def scaled(lora: dict, scale: float) -> dict:
 
 
 def answer_loss(lora: dict, params: llama.Params, batch: dict, *, config: llama.LlamaConfig, cfg: TrainConfig):
-    """Mean cross-entropy of the answer tokens. batch: the arrays of a `Batch` (see its docstring)."""
+    """Mean cross-entropy of the answer tokens. batch: the arrays of a `Batch` (see its docstring).
+
+    An answer token with options (tgt_opts) is scored by a softmax over those option tokens only (exactly the
+    option probabilities choice_logprob scoring compares); any other answer token by the full-vocabulary softmax."""
     h = llama.hidden_states(params, batch["tokens"], config=config, lora=scaled(lora, cfg.scale),
                             positions=batch["positions"], segment_ids=batch["segments"], remat=cfg.remat)[0]
     h = h[batch["tgt_row"], batch["tgt_pos"]]  # (R*K, D): only answer positions reach the output projection
-    logp = jax.nn.log_softmax(llama.logits_from_hidden(params, h), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["tgt_tok"][:, None], axis=-1)[:, 0]
+    logits = llama.logits_from_hidden(params, h)  # (M, V) fp32
+    gold = jnp.take_along_axis(logits, batch["tgt_tok"][:, None], axis=-1)[:, 0]
+    opts = batch["tgt_opts"]  # (M, C)
+    opt_logits = jnp.where(opts >= 0, jnp.take_along_axis(logits, jnp.maximum(opts, 0), axis=-1), -jnp.inf)
+    has_opts = opts[:, 0] >= 0
+    norm = jnp.where(has_opts, jax.nn.logsumexp(jnp.where(has_opts[:, None], opt_logits, 0.0), axis=-1),
+                     jax.nn.logsumexp(logits, axis=-1))
+    nll = norm - gold
     w = batch["tgt_w"]
     return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
 
