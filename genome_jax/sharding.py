@@ -1,8 +1,8 @@
 """Shard the population axis over every device of the job (all local devices; all hosts after jax.distributed).
 
-Sharding never changes what is computed, only where: a leaf whose leading axis is a population axis (size P for
-parents, or the number of children) is split over a 1-D mesh axis named "pop"; every other leaf (keys, scalars,
-per-module statistics) is replicated. Operators stay sharding-agnostic: they run under `jax.jit` with these
+Sharding never changes what is computed, only where: a per-individual array (ndim >= 2, leading axis a population
+axis: size P for parents, or the number of children) is split over a 1-D mesh axis named "pop"; every other leaf
+(fitness and other P-vectors, keys, scalars, the history) is replicated. Operators stay sharding-agnostic: they run under `jax.jit` with these
 in/out shardings and XLA inserts the collectives, e.g. the all-gather that brings a parent living on another device
 to the child that needs it.
 

@@ -11,12 +11,12 @@ Effective bytes (what an ideal one-pass implementation must move): crossover = c
 + each child reads its K parents and writes itself ((K + 1) C S); the generation adds mutation's read + write of
 the children (2 C S); S = bytes per individual.
 
-The generation is three jitted programs (selection, crossover, mutation), so the crossover compiled for the
-crossover-alone timing is reused. Mutation: `--mutation lean` (default) is the bench's own minimal Gaussian noise
-(per child picked with probability 0.15, then ~Binomial(S, 0.01) genes of the flattened child at random positions get
-N(0, 0.01^2)); `--mutation helper` uses genome_jax.operators.mutation.gaussian_mutation, which draws a mask and a
-noise value for every gene (measured ~9 s for P=64 x 5 layers and ~2 GB of temporaries on the shared box, so it
-does not fit the default sizes here). Wall and process-CPU seconds are both reported: on a box shared with other
+The generation is selection (one jitted program) -> crossover (one jitted program, the one compiled for the
+crossover-alone timing) -> mutation. Mutation: `--mutation lean` (default) is the bench's own minimal Gaussian noise
+(per child picked with probability 0.15, then ~Binomial(n, 0.01) of each tensor's n genes at random positions get
+N(0, 0.01^2); one jitted program per tensor shape, called per tensor); `--mutation helper` uses
+genome_jax.operators.mutation.gaussian_mutation, which draws a mask and a noise value for every gene (measured ~9 s
+for P=64 x 5 layers and ~2 GB of temporaries on the shared box, so it does not fit the default sizes here). Wall and process-CPU seconds are both reported: on a box shared with other
 jobs, CPU seconds are the steadier measure of work.
 """
 from __future__ import annotations
@@ -25,8 +25,6 @@ import argparse
 import statistics
 import sys
 import time
-
-ROW = "{:>6} {:>6} {:>12} {:>12} {:>12} {:>10} {:>9} {:>10}"
 
 SHAPES = {  # module -> (A (r, d_in), B (d_out, r)) at r = 16
     "self_attn.q_proj": ((16, 576), (576, 16)),
@@ -112,32 +110,40 @@ def make_population(key, P: int, layers: int):
     return factors
 
 
-def lean_mutation(key, factors, *, individual_rate: float, gene_rate: float, sigma: float):
-    """The bench's minimal Gaussian mutation: each child is picked with probability individual_rate; a picked
-    child of S genes gets N(0, sigma^2) added at ~Binomial(S, gene_rate) random positions (drawn with
-    replacement; O(mutated genes) random numbers instead of O(n))."""
+def _mutate_leaf(key, i, x, picked, *, gene_rate: float, sigma: float):
+    """One tensor stack x (P, ...) of the lean mutation (jitted once per shape; i is traced)."""
     import jax
     import jax.numpy as jnp
 
-    leaves, treedef = jax.tree_util.tree_flatten(factors)
-    P = leaves[0].shape[0]
-    sizes = [x[0].size for x in leaves]
-    n = sum(sizes)
-    cap = int(2 * n * gene_rate) + 8
-    k_ind, k_live, k_pos, k_noise = jax.random.split(key, 4)
-    picked = jax.random.bernoulli(k_ind, individual_rate, (P,))
-    # each of `cap` slots is live with probability n p / cap: Binomial(cap, n p / cap) ~ Binomial(n, p) mutated
-    # genes per child; one flat scatter (a scatter per tensor costs ~0.25 s of compile each on this box)
+    P, n = x.shape[0], x[0].size
+    cap = min(n, int(2 * n * gene_rate) + 8)
+    k_live, k_pos, k_noise = jax.random.split(jax.random.fold_in(key, i), 3)
+    # each of `cap` slots is live with probability n p / cap: Binomial(cap, n p / cap) ~ Binomial(n, p) genes
     live = jax.random.bernoulli(k_live, n * gene_rate / cap, (P, cap)) & picked[:, None]
     pos = jax.random.randint(k_pos, (P, cap), 0, n)
-    noise = sigma * jax.random.normal(k_noise, (P, cap), leaves[0].dtype)
-    flat = jnp.concatenate([x.reshape(P, -1) for x in leaves], axis=1)
-    flat = flat.at[jnp.arange(P)[:, None], pos].add(jnp.where(live, noise, 0.0))
-    out, start = [], 0
-    for x, size in zip(leaves, sizes):
-        out.append(flat[:, start:start + size].reshape(x.shape))
-        start += size
-    return treedef.unflatten(out)
+    noise = sigma * jax.random.normal(k_noise, (P, cap), x.dtype)
+    flat = x.reshape(P, n).at[jnp.arange(P)[:, None], pos].add(jnp.where(live, noise, 0.0))
+    return flat.reshape(x.shape)
+
+
+_MUTATE_LEAF = {}
+
+
+def lean_mutation(key, factors, *, individual_rate: float, gene_rate: float, sigma: float):
+    """The bench's minimal Gaussian mutation: each child is picked with probability individual_rate; a picked
+    child's tensor of n genes gets N(0, sigma^2) added at ~Binomial(n, gene_rate) random positions (drawn with
+    replacement; O(mutated genes) random numbers instead of O(n)). Applied tensor by tensor with one jitted
+    program per tensor shape: one program over all 420 tensors took 4 min to compile on the shared box."""
+    import functools
+
+    import jax
+
+    leaves, treedef = jax.tree_util.tree_flatten(factors)
+    k_ind, key = jax.random.split(key)
+    picked = jax.random.bernoulli(k_ind, individual_rate, (leaves[0].shape[0],))
+    fn = _MUTATE_LEAF.setdefault((gene_rate, sigma), jax.jit(functools.partial(_mutate_leaf, gene_rate=gene_rate,
+                                                                                 sigma=sigma)))
+    return treedef.unflatten([fn(key, i, x, picked) for i, x in enumerate(leaves)])
 
 
 def make_generation(config, P: int, K: int, mutation_kind: str):
@@ -173,8 +179,8 @@ def make_generation(config, P: int, K: int, mutation_kind: str):
                                                                  sigma=0.01)[0])
         used += " + merge.crossover + mutation.gaussian_mutation"
     else:
-        mutate = jax.jit(functools.partial(lean_mutation, individual_rate=0.15, gene_rate=0.01, sigma=0.01))
-        used += " + merge.crossover + the bench's lean Gaussian mutation"
+        mutate = functools.partial(lean_mutation, individual_rate=0.15, gene_rate=0.01, sigma=0.01)
+        used += " + merge.crossover + the bench's lean Gaussian mutation (one jitted program per tensor shape)"
 
     def generation(key, factors, fitness):
         k_sel, k_x, k_mut = jax.random.split(key, 3)
