@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             info = eng.start()
             figures["startup_s"] = time.perf_counter() - t0
             eng.answer([(None, None, reqs[: min(4, n)])])  # warm-up
-            ours, base, share = [], [], []
+            ours, base, share, exp_s, load_s = [], [], [], [], []
             outs_a = None
             for rep in range(args.repeats):
                 t0 = time.perf_counter()
@@ -164,15 +164,20 @@ def run(args: argparse.Namespace) -> int:
                 wall = time.perf_counter() - t0
                 shutil.rmtree(gen_dir, ignore_errors=True)
                 ours.append(total / wall)
-                share.append((t_exp + timing.get("swap_s", 0.0) + timing.get("lora_load_s", 0.0)) / wall)
+                t_load = timing.get("swap_s", 0.0) + timing.get("lora_load_s", 0.0)
+                share.append((t_exp + t_load) / wall)
+                exp_s.append(t_exp)
+                load_s.append(t_load / P)
                 outs_a = res
                 print(f"  repeat {rep + 1}/{args.repeats}: ours {ours[-1]:.2f} samples/s, base {base[-1]:.2f} "
-                      f"samples/s, export+load {100 * share[-1]:.1f}% of ours' wall time", flush=True)
+                      f"samples/s, export+load {100 * share[-1]:.1f}% of ours' wall time (export {t_exp:.2f}s "
+                      f"for {P}, load {t_load / P:.3f}s per adapter)", flush=True)
         finally:
             eng.close()
         figures.update(ours_mode=info["mode"], ours_dtype=info["dtype"], ours=statistics.median(ours),
                        base=statistics.median(base), ours_export_load_share=statistics.median(share),
-                       ours_runs=ours, base_runs=base)
+                       ours_runs=ours, base_runs=base, ours_export_s=statistics.median(exp_s),
+                       ours_load_s_per_adapter=statistics.median(load_s))
 
         # ---- (b) one adapter at a time through the LoRA path --------------------------------------------------------
         one = float("nan")
@@ -213,7 +218,8 @@ def run(args: argparse.Namespace) -> int:
 
     f = figures
     print(f"(a) ours [{f['ours_mode']}, {f['ours_dtype']}]: {f['ours']:.2f} samples/s "
-          f"(export+load {100 * f['ours_export_load_share']:.1f}% of wall time)")
+          f"(export+load {100 * f['ours_export_load_share']:.1f}% of wall time; export {f['ours_export_s']:.2f}s "
+          f"for {P} adapters, load {f['ours_load_s_per_adapter']:.3f}s per adapter)")
     if "one_at_a_time" in f:
         print(f"(b) one at a time [lora, {f['one_at_a_time_dtype']}]: {f['one_at_a_time']:.2f} samples/s "
               f"(save+load {100 * f['one_at_a_time_export_load_share']:.1f}% of wall time)")

@@ -290,7 +290,7 @@ class RayBackend:
                                    f"(cluster resources: {ray.cluster_resources()})") from None
         except ray.exceptions.RayActorError as e:
             raise EvaluatorCrashed(f"a Ray engine actor died while {doing}: {_first_line(e)}") from None
-        except ray.exceptions.RayTaskError as e:
+        except ray.exceptions.RayError as e:  # task errors, OutOfMemoryError (Ray's memory monitor), ...
             raise EvaluatorCrashed(f"a Ray engine actor failed while {doing}: {_first_line(e)}") from None
 
     def close(self) -> None:
@@ -394,7 +394,7 @@ class RayBackend:
                     slot = starting.pop(ref)
                     try:
                         ray.get(ref)
-                    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                    except ray.exceptions.RayError as e:
                         replace(slot, f"replacement failed to start: {_first_line(e)}")
                         continue
                     idle.append(slot)
@@ -403,7 +403,7 @@ class RayBackend:
                 self.busy.discard(slot.index)
                 try:
                     responses, t = ray.get(ref)
-                except ray.exceptions.RayActorError as e:
+                except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as e:
                     pending.appendleft(i)  # redo this individual first
                     replace(slot, _first_line(e))
                     continue

@@ -2,12 +2,13 @@
 
 Both operators take the whole population (any pytree whose leaves carry the individual on axis 0, e.g. the
 `Population.factors` dict of `{"A": (P, r, d_in), "B": (P, d_out, r)}`), split the key once per individual and
-vmap a per-individual function over the keys, so (with JAX's default partitionable threefry) an individual's draw
+map a per-individual function over the keys, so (with JAX's default partitionable threefry) an individual's draw
 does not depend on the population size.
 
 `gaussian_mutation`: GENOME's mutation. Each individual is picked with probability `individual_rate`; in a
 picked individual every gene (every entry of every A and B) is picked with probability `gene_rate` and gets
-N(0, sigma^2) noise added. Non-picked genes are returned bit-for-bit unchanged.
+N(0, sigma^2) noise added (one uniform draw per gene serves both the mask and the noise, see `_gaussian_delta`).
+Non-picked genes are returned bit-for-bit unchanged.
 
 `svd_mutation`: noise shaped by the individual's own update. Per module, ΔW = B @ A = U diag(S) V^T is taken from
 the small factors (QR of B and of A^T, SVD of the r x r core; ΔW itself is never formed), and a picked individual
@@ -24,8 +25,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Union
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.scipy.special import ndtri
 
 Schedule = Callable[[Any], Any]
 ScalarOrSchedule = Union[float, Schedule]
@@ -39,22 +43,21 @@ def resolve_schedule(value: ScalarOrSchedule, step) -> jax.Array:
     return jnp.asarray(v, jnp.float32)
 
 
-def _gaussian_one(key, tree, *, individual_rate, gene_rate, sigma):
-    """One individual: tree leaves without the population axis. Returns (tree', changed: () bool)."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    sizes = [x.size for x in leaves]
-    k_ind, k_mask, k_noise = jax.random.split(key, 3)
+def _gaussian_delta(key, n_genes: int, *, individual_rate, gene_rate, sigma):
+    """One individual's additive change over its flattened genes: ((n_genes,) float32, changed: () bool).
+
+    One uniform draw u per gene decides both things: the gene mutates when u < gene_rate (and the individual was
+    picked), and then u / gene_rate ~ U(0, 1) gives the noise sigma * Phi^-1(u / gene_rate) ~ N(0, sigma^2), so
+    the draw costs one random number per gene. (float32 uniforms have 2^-23 resolution, so the noise's tails are
+    cut near |z| = 4.4 sigma at gene_rate 0.01; nothing else about the distribution changes.)
+    """
+    k_ind, k_genes = jax.random.split(key)
     picked = jax.random.bernoulli(k_ind, individual_rate)
-    # One draw over all genes of the individual (sliced per leaf): far less to compile than a draw per leaf.
-    mask = jax.random.bernoulli(k_mask, gene_rate, (sum(sizes),)) & picked
-    noise = sigma * jax.random.normal(k_noise, (sum(sizes),), jnp.float32)
-    out, start = [], 0
-    for x, n in zip(leaves, sizes):
-        m = mask[start:start + n].reshape(x.shape)
-        e = noise[start:start + n].reshape(x.shape).astype(x.dtype)
-        out.append(jnp.where(m, x + e, x))
-        start += n
-    return jax.tree_util.tree_unflatten(treedef, out), jnp.any(mask) & (sigma != 0)
+    u = jax.random.uniform(k_genes, (n_genes,), jnp.float32)
+    rate = jnp.maximum(jnp.asarray(gene_rate, jnp.float32), 1e-30)
+    mask = (u < rate) & picked
+    z = ndtri(jnp.clip(u / rate, 1e-7, 1.0 - 1e-7))
+    return jnp.where(mask, sigma * z, 0.0), jnp.any(mask) & (sigma != 0)
 
 
 def gaussian_mutation(key, factors, *, individual_rate, gene_rate, sigma: ScalarOrSchedule, step=0):
@@ -63,12 +66,22 @@ def gaussian_mutation(key, factors, *, individual_rate, gene_rate, sigma: Scalar
     factors: pytree with leaves (P, ...); individual_rate, gene_rate: probabilities in [0, 1];
     sigma: noise std (float or optax schedule of `step`). Returns (factors', mutated: (P,) bool).
     """
-    leaves = jax.tree_util.tree_leaves(factors)
+    leaves, treedef = jax.tree_util.tree_flatten(factors)
     n = leaves[0].shape[0]
+    sizes = [math.prod(x.shape[1:]) for x in leaves]
     s = resolve_schedule(sigma, step)
-    keys = jax.random.split(key, n)
-    fn = lambda k, t: _gaussian_one(k, t, individual_rate=individual_rate, gene_rate=gene_rate, sigma=s)
-    return jax.vmap(fn)(keys, factors)
+    # lax.map materialises the (P, G) change once; the per-leaf updates are then plain slices + adds. Drawing per
+    # leaf instead compiles one RNG kernel per leaf: ~420 for a SmolLM2 adapter, minutes of XLA compile on CPU.
+    delta, mutated = jax.lax.map(
+        lambda k: _gaussian_delta(k, sum(sizes), individual_rate=individual_rate, gene_rate=gene_rate, sigma=s),
+        jax.random.split(key, n),
+    )
+    out, start = [], 0
+    for x, size in zip(leaves, sizes):
+        d = delta[:, start:start + size].reshape(x.shape).astype(x.dtype)
+        out.append(jnp.where(d != 0, x + d, x))  # untouched genes keep their exact bits (even -0.0)
+        start += size
+    return jax.tree_util.tree_unflatten(treedef, out), mutated
 
 
 def _svd_module_one(e, A, B, *, sigma):
