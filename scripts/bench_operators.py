@@ -22,6 +22,7 @@ jobs, CPU seconds are the steadier measure of work.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -59,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mutation", choices=("lean", "helper"), default="lean",
                         help="lean: the bench's sparse Gaussian noise (default); helper: operators.mutation")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--emit-row", action="store_true", help=argparse.SUPPRESS)  # child process of --scaling
 
 
 def _median_time(fn, repeats: int) -> tuple[float, float, float]:
@@ -218,6 +220,62 @@ def peft_baseline(factors_np: dict, n_children: int, density: float, K: int, see
     return statistics.median(walls), statistics.median(cpus)
 
 
+def measure_size(args, config, P: int, layers: int, repeats: int, baseline: bool):
+    """Crossover alone and a whole generation at one population size (+ the PEFT loop when `baseline`)."""
+    import jax
+    import numpy as np
+
+    from genome_jax.operators import merge
+
+    K = args.parents
+    key = jax.random.key(args.seed + P)
+    factors = make_population(key, P, layers)
+    fitness = jax.random.uniform(jax.random.fold_in(key, 1), (P,))
+    S = layers * LAYER_PARAMS * 4  # bytes per individual
+    idx = jax.random.randint(jax.random.fold_in(key, 2), (P, K), 0, P)
+    w = jax.random.dirichlet(jax.random.fold_in(key, 3), np.ones(K), (P,))
+    cross = lambda: jax.block_until_ready(merge.crossover(key, factors, idx, w, config=config))
+    first, c_wall, c_cpu = _median_time(cross, repeats)
+    print(f"  P={P} ({layers} layers): crossover: first call {first:.1f} s (compile), median {c_wall:.3f} s "
+          f"wall / {c_cpu:.3f} s CPU", flush=True)
+    gen, used = make_generation(config, P, K, args.mutation)
+    first, g_wall, g_cpu = _median_time(lambda: gen(key, factors, fitness), repeats)
+    print(f"  P={P}: generation [{used}]: first call {first:.1f} s, median {g_wall:.3f} s wall / "
+          f"{g_cpu:.3f} s CPU", flush=True)
+    row = {"P": P, "layers": layers, "scale": layers / args.layers, "c_wall": c_wall, "c_cpu": c_cpu,
+           "g_wall": g_wall, "g_cpu": g_cpu, "c_bytes": (P + (K + 1) * P) * S, "g_bytes": (P + (K + 3) * P) * S}
+    base = None
+    if baseline and args.baseline_children > 0 and args.method == "ties" and args.space == "factors":
+        host = {f"{p}.{ab}": np.array(v[ab]) for p, v in factors.items() for ab in ("A", "B")}
+        b_wall, b_cpu = peft_baseline(host, args.baseline_children, args.density, K, args.seed,
+                                      args.baseline_threads)
+        base = (b_wall / row["scale"], b_cpu / row["scale"])
+        print(f"  PEFT loop (merge_utils.ties per tensor, torch {args.baseline_threads} thread(s)): "
+              f"{b_wall:.3f} s wall / {b_cpu:.3f} s CPU per child (median of {args.baseline_children} "
+              f"children; extrapolated to P children)", flush=True)
+    return row, base
+
+
+def _row_in_subprocess(args, P: int, layers: int) -> dict:
+    import subprocess
+
+    argv = [sys.executable, "-m", "scripts.cli", "bench", "operators", "--population", str(P), "--layers",
+            str(layers), "--scaling", "--baseline-children", "0", "--repeats", str(max(1, min(3, args.repeats))),
+            "--probe-mb", "16", "--method", args.method, "--space", args.space, "--density", str(args.density),
+            "--parents", str(args.parents), "--mutation", args.mutation, "--seed", str(args.seed), "--emit-row"]
+    res = subprocess.run(argv, capture_output=True, text=True)
+    row = None
+    for line in res.stdout.splitlines():
+        if line.startswith("ROW "):
+            row = json.loads(line[4:])
+        elif line.startswith("  P="):
+            print(line, flush=True)
+    if res.returncode != 0 or row is None:
+        raise RuntimeError(f"bench at P={P} failed (exit {res.returncode}): {res.stderr.strip()[-500:]}")
+    row["scale"] = layers / args.layers
+    return row
+
+
 def run(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
@@ -244,40 +302,17 @@ def run(args: argparse.Namespace) -> int:
     ref_bw = bw["inplace_gbs"]
 
     sizes = [args.population] + [p for p in (args.scaling or []) if p != args.population]
-    rows = []
-    base = None  # (wall, cpu) seconds per child at the main size
-    for si, P in enumerate(sizes):
-        layers = args.layers
-        if si:
-            per_layer = 2 * P * LAYER_PARAMS * 4  # population + children
-            layers = max(1, min(args.layers, int(args.mem_budget_gb * 1e9 // per_layer)))
-        key = jax.random.key(args.seed + si)
-        factors = make_population(key, P, layers)
-        fitness = jax.random.uniform(jax.random.fold_in(key, 1), (P,))
-        S = layers * LAYER_PARAMS * 4  # bytes per individual
-        idx = jax.random.randint(jax.random.fold_in(key, 2), (P, K), 0, P)
-        w = jax.random.dirichlet(jax.random.fold_in(key, 3), np.ones(K), (P,))
-        cross = lambda: jax.block_until_ready(merge.crossover(key, factors, idx, w, config=config))
-        reps = args.repeats if si == 0 else max(1, min(3, args.repeats))
-        first, c_wall, c_cpu = _median_time(cross, reps)
-        print(f"  P={P} ({layers} layers): crossover: first call {first:.1f} s (compile), median {c_wall:.3f} s "
-              f"wall / {c_cpu:.3f} s CPU", flush=True)
-        gen, used = make_generation(config, P, K, args.mutation)
-        first, g_wall, g_cpu = _median_time(lambda: gen(key, factors, fitness), reps)
-        print(f"  P={P}: generation [{used}]: first call {first:.1f} s, median {g_wall:.3f} s wall / "
-              f"{g_cpu:.3f} s CPU", flush=True)
-        scale = layers / args.layers  # this size's children are `scale` of a full child
-        rows.append({"P": P, "layers": layers, "scale": scale, "c_wall": c_wall, "c_cpu": c_cpu, "g_wall": g_wall,
-                     "g_cpu": g_cpu, "c_bytes": (P + (K + 1) * P) * S, "g_bytes": (P + (K + 3) * P) * S})
-        if si == 0 and args.baseline_children > 0 and args.method == "ties" and args.space == "factors":
-            host = {f"{p}.{ab}": np.array(v[ab]) for p, v in factors.items() for ab in ("A", "B")}
-            b_wall, b_cpu = peft_baseline(host, args.baseline_children, args.density, K, args.seed,
-                                          args.baseline_threads)
-            base = (b_wall / scale, b_cpu / scale)
-            print(f"  PEFT loop (merge_utils.ties per tensor, torch {args.baseline_threads} thread(s)): "
-                  f"{b_wall:.3f} s wall / {b_cpu:.3f} s CPU per child (median of {args.baseline_children} "
-                  f"children; extrapolated to P children)", flush=True)
-        del factors
+    # the extra sizes first, each in a fresh process (memory this process frees is not always returned to the OS,
+    # and the box is shared), then the main size here
+    extra = []
+    for P in sizes[1:]:
+        per_layer = 2 * P * LAYER_PARAMS * 4  # population + children
+        extra.append(_row_in_subprocess(args, P, max(1, min(args.layers, int(args.mem_budget_gb * 1e9 // per_layer)))))
+    row, base = measure_size(args, config, sizes[0], args.layers, args.repeats, baseline=not args.emit_row)
+    rows = [row] + extra
+    if args.emit_row:
+        print("ROW " + json.dumps(rows[0]), flush=True)
+        return 0
 
     print()
     print("| P | layers | crossover s (wall / CPU) | generation s (wall / CPU) | children/s (gen) | "

@@ -1,7 +1,8 @@
 """The managed local backend: spawns `python -m evaluators.backends.worker` and talks JSON lines to it.
 
-Liveness: a reader thread turns the worker's stdout into a queue; EOF (the worker died) is seen at once, and a
-worker that sends nothing, not even its heartbeat, for `stall_timeout_s` is declared hung. Either way the call raises
+Liveness: a reader thread turns the worker's stdout into a queue; EOF (the worker died) is seen at once, a worker
+that sends nothing, not even its heartbeat, for `stall_timeout_s` is declared hung, and one that only beats (no
+answer, no per-individual progress) for `idle_timeout_s` is declared stuck. Either way the call raises
 `EvaluatorCrashed` (with the exit status and the tail of the worker's log), the worker's process group is killed, and
 the next call starts a fresh worker: the engine's process survives. With `retries=k` a failed call is retried up to
 k times on a fresh worker before it raises (default 0: fail fast, the caller decides).
@@ -70,6 +71,7 @@ class ManagedBackend:
         gpu_memory_utilization: float | None = None,
         startup_timeout_s: float = 900.0,
         stall_timeout_s: float = 120.0,
+        idle_timeout_s: float | None = 3600.0,
         heartbeat_s: float = 2.0,
         retries: int = 0,
         log_path: str | None = None,
@@ -85,6 +87,7 @@ class ManagedBackend:
                         gpu_memory_utilization=gpu_memory_utilization, heartbeat_s=heartbeat_s)
         self.startup_timeout_s = startup_timeout_s
         self.stall_timeout_s = stall_timeout_s
+        self.idle_timeout_s = idle_timeout_s  # heartbeats but no answer/progress this long: the engine is stuck
         self.retries = retries
         self.env = env
         self.log_path = log_path or os.path.join(tempfile.gettempdir(), f"genome-eval-worker-{os.getpid()}.log")
@@ -144,6 +147,7 @@ class ManagedBackend:
               on_progress: Callable[[dict], None] | None = None) -> dict:
         """Next message satisfying `want`; raises EvaluatorCrashed on EOF, stall or overall timeout."""
         t_end = None if timeout_s is None else time.monotonic() + timeout_s
+        last_news = time.monotonic()  # last message that was not a heartbeat
         while True:
             wait = self.stall_timeout_s if t_end is None else min(self.stall_timeout_s, t_end - time.monotonic())
             try:
@@ -155,6 +159,12 @@ class ManagedBackend:
                 else:
                     why = f"sent nothing (not even a heartbeat) for {self.stall_timeout_s:.0f}s while {doing}"
                 raise EvaluatorCrashed(f"the evaluator worker {why}; it was killed (log: {self.log_path})")
+            if msg is not _EOF and "hb" in msg and self.idle_timeout_s is not None \
+                    and time.monotonic() - last_news > self.idle_timeout_s:
+                self._kill()  # alive (heartbeats) but stuck inside the engine
+                raise EvaluatorCrashed(
+                    f"the evaluator worker made no progress for {self.idle_timeout_s:.0f}s while {doing} (heartbeats "
+                    f"only: the engine is stuck); it was killed (log: {self.log_path})")
             if msg is _EOF:
                 try:
                     rc = self.proc.wait(timeout=30) if self.proc else None
@@ -166,6 +176,7 @@ class ManagedBackend:
                     f"the evaluator worker died while {doing} ({how}); log {self.log_path}:\n{self._log_tail()}")
             if "hb" in msg:
                 continue
+            last_news = time.monotonic()
             if "progress" in msg and on_progress is not None:
                 on_progress(msg)
             if want(msg):

@@ -54,9 +54,9 @@ def _gaussian_delta(key, n_genes: int, *, individual_rate, gene_rate, sigma):
     k_ind, k_genes = jax.random.split(key)
     picked = jax.random.bernoulli(k_ind, individual_rate)
     u = jax.random.uniform(k_genes, (n_genes,), jnp.float32)
-    rate = jnp.maximum(jnp.asarray(gene_rate, jnp.float32), 1e-30)
-    mask = (u < rate) & picked
-    z = ndtri(jnp.clip(u / rate, 1e-7, 1.0 - 1e-7))
+    rate = jnp.asarray(gene_rate, jnp.float32)
+    mask = (u < rate) & picked  # gene_rate 0: never (u >= 0)
+    z = ndtri(jnp.clip(u / jnp.maximum(rate, 1e-30), 1e-7, 1.0 - 1e-7))
     return jnp.where(mask, sigma * z, 0.0), jnp.any(mask) & (sigma != 0)
 
 

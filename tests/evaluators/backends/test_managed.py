@@ -124,6 +124,17 @@ def test_hung_worker_is_detected(model_path, tmp_path):
     assert b.proc is None
 
 
+def test_stuck_worker_is_detected(model_path, tmp_path):
+    """A worker that beats but never answers (here: still starting its engine) trips idle_timeout_s."""
+    from evaluators.backends.managed import ManagedBackend
+
+    b = ManagedBackend(str(model_path), idle_timeout_s=3, heartbeat_s=0.5, log_path=str(tmp_path / "w.log"))
+    t0 = time.monotonic()
+    with pytest.raises(EvaluatorCrashed, match="made no progress for 3s"):
+        b.start()
+    assert time.monotonic() - t0 < 30 and b.proc is None
+
+
 def test_killed_worker_is_detected_and_engine_survives(managed_worker, backend_adapters, backend_requests):
     """SIGKILL the worker mid-scoring: the call fails fast with EvaluatorCrashed (no retry by default), this process
     lives on, nothing of the worker's process group is left. Runs last: it ends the session's worker."""
