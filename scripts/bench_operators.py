@@ -16,8 +16,9 @@ crossover-alone timing) -> mutation. Mutation: `--mutation lean` (default) is th
 (per child picked with probability 0.15, then ~Binomial(n, 0.01) of each tensor's n genes at random positions get
 N(0, 0.01^2); one jitted program per tensor shape, called per tensor); `--mutation helper` uses
 genome_jax.operators.mutation.gaussian_mutation, which draws a mask and a noise value for every gene (measured ~9 s
-for P=64 x 5 layers and ~2 GB of temporaries on the shared box, so it does not fit the default sizes here). Wall and process-CPU seconds are both reported: on a box shared with other
-jobs, CPU seconds are the steadier measure of work.
+for P=64 x 5 layers and ~2 GB of temporaries on the shared box, so it does not fit the default sizes here).
+Wall and process-CPU seconds are both reported: on a box shared with other jobs, CPU seconds are the steadier
+measure of work. The --scaling sizes run first, each in a fresh process (bounded memory on a shared box).
 """
 from __future__ import annotations
 

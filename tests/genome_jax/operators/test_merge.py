@@ -293,6 +293,21 @@ def test_delta_randomized_svd_is_near_optimal():
             assert np.linalg.norm(merged - got) <= 1.05 * best + 1e-6
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_linear"])
+def test_delta_blocks_do_not_change_the_result(method):
+    """child_chunk only bounds memory: chunks of 3 children (padded: C = 4) and 2 parents (padded: P = 6 is not a
+    multiple of 4) give the same children as one block."""
+    f = _factors(16)
+    one = crossover(KEY, f, IDX, W, config=MergeConfig(method=method, density=0.4, space="delta", child_chunk=16))
+    blocks = crossover(KEY, f, IDX, W, config=MergeConfig(method=method, density=0.4, space="delta", child_chunk=3))
+    cuts4 = parent_cuts(f, MergeConfig(method="ties", density=0.4, space="delta", child_chunk=4))
+    cuts16 = parent_cuts(f, MergeConfig(method="ties", density=0.4, space="delta", child_chunk=16))
+    for y, z in zip(_leaves(one), _leaves(blocks)):
+        np.testing.assert_allclose(y, z, rtol=1e-5, atol=1e-6)
+    for y, z in zip(_leaves(cuts4), _leaves(cuts16)):
+        np.testing.assert_array_equal(y, z)
+
+
 def test_lowrank_combine_pads_when_the_core_is_small():
     A = jnp.ones((2, 3, 2), jnp.float32)  # K r = 6 > d_in = 2: the core is 2 x 2
     B = jnp.ones((2, 5, 3), jnp.float32)
