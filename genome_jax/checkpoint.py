@@ -133,9 +133,9 @@ def _storage_errors(directory: Path):
 
 
 def _quiet_closed_loop_noise() -> None:
-    """A failed restore leaves tensorstore reads in flight; when they finish, orbax's event loop is already closed
-    and each reports `RuntimeError: Event loop is closed` as an unraisable exception (a bare traceback on stderr,
-    seen with a step whose manifest is missing). That is noise after the fallback warning: drop it, only it."""
+    """A failed restore leaves orbax/tensorstore reads in flight; when they finish, orbax's event loop is already
+    closed, and they report `RuntimeError: Event loop is closed`, or their coroutine dies with the read error, as
+    unraisable exceptions (bare tracebacks on stderr). That is noise after the fallback warning: drop it, only it."""
     prev = sys.unraisablehook
     if getattr(prev, "_genome_quiet", False):
         return
@@ -143,10 +143,28 @@ def _quiet_closed_loop_noise() -> None:
     def hook(u):
         if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
             return
+        code = getattr(u.object, "cr_code", None)  # an orbax coroutine garbage-collected with its read error
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return
         prev(u)
 
     hook._genome_quiet = True
     sys.unraisablehook = hook
+
+
+class _DropStorageErrors(logging.Filter):
+    """orbax logs a failed asynchronous write (full disk) as an ERROR with a traceback before it re-raises; we turn
+    that failure into one UserError line ourselves, so the log record is a duplicate: drop it, only it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(c in msg for c in _STORAGE)
+
+
+def _quiet_storage_logs() -> None:
+    log = logging.getLogger("absl")
+    if not any(isinstance(f, _DropStorageErrors) for f in log.filters):
+        log.addFilter(_DropStorageErrors())
 
 
 # ---- orbax ----
@@ -237,6 +255,8 @@ class RunCheckpointer:
         self.directory.mkdir(parents=True, exist_ok=True)
         for leftover in self.directory.glob(f".{CONFIG_NAME}.tmp*"):
             leftover.unlink(missing_ok=True)
+        _quiet_closed_loop_noise()  # a save aborted by a full disk leaves the same in-flight noise as a bad restore
+        _quiet_storage_logs()
         self._mgr = _manager(self.directory, keep=keep, async_save=async_save)
         try:
             self._check_config()

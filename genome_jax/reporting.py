@@ -143,7 +143,10 @@ def plot_fitness(
                              gridspec_kw={"width_ratios": [3, 2] if bars else [1]})
     ax = axes[0][0]
     ax.fill_between(gens, worst, best, color="tab:blue", alpha=0.12, label="worst..best")
-    ax.plot(gens, best, marker="o", color="tab:blue", label="best")
+    ax.plot(gens, best, marker="o", color="tab:blue", label="best in population")
+    if all(r.get("best_ever") is not None for r in recs) and any(r["best_ever"] != r["best"] for r in recs):
+        ax.step(gens, [r["best_ever"] for r in recs], where="post", color="navy", linewidth=1,
+                label="best so far")
     ax.plot(gens, mean, marker=".", linestyle="--", color="tab:orange", label="mean")
     for label, value in (reference or {}).items():
         if value is not None and math.isfinite(value):

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--density", type=float, default=0.2)
     parser.add_argument("--parents", type=int, default=2, help="K parents per child (default 2)")
     parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--repeats", type=int, default=3,
                         help="timed calls after the warm-up (median reported; at most 3 for the --scaling sizes)")
     parser.add_argument("--baseline-children", type=int, default=3,
                         help="children the PEFT loop merges (its time is extrapolated to P); 0 skips the baseline")
@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mem-budget-gb", type=float, default=1.5,
                         help="population + children bytes allowed for the --scaling sizes (layers shrink to fit)")
     parser.add_argument("--probe-mb", type=int, default=512, help="size of the bandwidth probe's array")
+    parser.add_argument("--scaling-generation", action="store_true",
+                        help="also time whole generations at the --scaling sizes (default: crossover alone there)")
     parser.add_argument("--mutation", choices=("lean", "helper"), default="lean",
                         help="lean: the bench's sparse Gaussian noise (default); helper: operators.mutation")
     parser.add_argument("--seed", type=int, default=0)
@@ -221,7 +223,7 @@ def peft_baseline(factors_np: dict, n_children: int, density: float, K: int, see
     return statistics.median(walls), statistics.median(cpus)
 
 
-def measure_size(args, config, P: int, layers: int, repeats: int, baseline: bool):
+def measure_size(args, config, P: int, layers: int, repeats: int, baseline: bool, generation: bool = True):
     """Crossover alone and a whole generation at one population size (+ the PEFT loop when `baseline`)."""
     import jax
     import numpy as np
@@ -239,10 +241,12 @@ def measure_size(args, config, P: int, layers: int, repeats: int, baseline: bool
     first, c_wall, c_cpu = _median_time(cross, repeats)
     print(f"  P={P} ({layers} layers): crossover: first call {first:.1f} s (compile), median {c_wall:.3f} s "
           f"wall / {c_cpu:.3f} s CPU", flush=True)
-    gen, used = make_generation(config, P, K, args.mutation)
-    first, g_wall, g_cpu = _median_time(lambda: gen(key, factors, fitness), repeats)
-    print(f"  P={P}: generation [{used}]: first call {first:.1f} s, median {g_wall:.3f} s wall / "
-          f"{g_cpu:.3f} s CPU", flush=True)
+    g_wall = g_cpu = None
+    if generation:
+        gen, used = make_generation(config, P, K, args.mutation)
+        first, g_wall, g_cpu = _median_time(lambda: gen(key, factors, fitness), repeats)
+        print(f"  P={P}: generation [{used}]: first call {first:.1f} s, median {g_wall:.3f} s wall / "
+              f"{g_cpu:.3f} s CPU", flush=True)
     row = {"P": P, "layers": layers, "scale": layers / args.layers, "c_wall": c_wall, "c_cpu": c_cpu,
            "g_wall": g_wall, "g_cpu": g_cpu, "c_bytes": (P + (K + 1) * P) * S, "g_bytes": (P + (K + 3) * P) * S}
     base = None
@@ -264,6 +268,8 @@ def _row_in_subprocess(args, P: int, layers: int) -> dict:
             str(layers), "--scaling", "--baseline-children", "0", "--repeats", str(max(1, min(3, args.repeats))),
             "--probe-mb", "16", "--method", args.method, "--space", args.space, "--density", str(args.density),
             "--parents", str(args.parents), "--mutation", args.mutation, "--seed", str(args.seed), "--emit-row"]
+    if args.scaling_generation:
+        argv.append("--scaling-generation")
     res = subprocess.run(argv, capture_output=True, text=True)
     row = None
     for line in res.stdout.splitlines():
@@ -309,27 +315,32 @@ def run(args: argparse.Namespace) -> int:
     for P in sizes[1:]:
         per_layer = 2 * P * LAYER_PARAMS * 4  # population + children
         extra.append(_row_in_subprocess(args, P, max(1, min(args.layers, int(args.mem_budget_gb * 1e9 // per_layer)))))
-    row, base = measure_size(args, config, sizes[0], args.layers, args.repeats, baseline=not args.emit_row)
+    row, base = measure_size(args, config, sizes[0], args.layers, args.repeats, baseline=not args.emit_row,
+                             generation=not args.emit_row or args.scaling_generation)
     rows = [row] + extra
     if args.emit_row:
         print("ROW " + json.dumps(rows[0]), flush=True)
         return 0
 
     print()
-    print("| P | layers | crossover s (wall / CPU) | generation s (wall / CPU) | children/s (gen) | "
+    print("| P | layers | crossover s (wall / CPU) | generation s (wall / CPU) | children/s (generation) | "
           "eff. GB/s (cross / gen) | of probe BW (cross / gen) | speedup vs PEFT loop, cross (wall / CPU) | "
           "speedup, gen (wall / CPU) |")
     print("|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda v, f: "-" if v is None else f.format(v)
     for r in rows:
         P = r["P"]
-        gbs_c, gbs_g = r["c_bytes"] / r["c_wall"] / 1e9, r["g_bytes"] / r["g_wall"] / 1e9
-        line = (f"| {P} | {r['layers']} | {r['c_wall']:.3f} / {r['c_cpu']:.3f} | {r['g_wall']:.3f} / "
-                f"{r['g_cpu']:.3f} | {P / r['g_wall']:.1f} | {gbs_c:.2f} / {gbs_g:.2f} | "
-                f"{gbs_c / ref_bw:.0%} / {gbs_g / ref_bw:.0%} | ")
+        gbs_c = r["c_bytes"] / r["c_wall"] / 1e9
+        gbs_g = r["g_bytes"] / r["g_wall"] / 1e9 if r["g_wall"] else None
+        line = (f"| {P} | {r['layers']} | {r['c_wall']:.3f} / {r['c_cpu']:.3f} | {fmt(r['g_wall'], '{:.3f}')} / "
+                f"{fmt(r['g_cpu'], '{:.3f}')} | {fmt(r['g_wall'] and P / r['g_wall'], '{:.1f}')} | "
+                f"{gbs_c:.2f} / {fmt(gbs_g, '{:.2f}')} | {gbs_c / ref_bw:.0%} / "
+                f"{fmt(gbs_g and gbs_g / ref_bw, '{:.0%}')} | ")
         if base:
             bw_, bc_ = base[0] * P * r["scale"], base[1] * P * r["scale"]
             line += (f"{bw_ / r['c_wall']:.1f}x / {bc_ / r['c_cpu']:.1f}x | "
-                     f"{bw_ / r['g_wall']:.1f}x / {bc_ / r['g_cpu']:.1f}x |")
+                     f"{fmt(r['g_wall'] and bw_ / r['g_wall'], '{:.1f}x')} / "
+                     f"{fmt(r['g_cpu'] and bc_ / r['g_cpu'], '{:.1f}x')} |")
         else:
             line += "- | - |"
         print(line)

@@ -33,6 +33,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (EngineUserError, EvalUserError, FileNotFoundError, PermissionError)
 
 
+def _silence_stderr() -> None:
+    """After the one error line, nothing more: background threads of an aborted save or restore (orbax,
+    tensorstore) can still print their own failure while the interpreter shuts down, which would bury the line."""
+    try:
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        sys.stderr = open(os.devnull, "w")
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="genome", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
@@ -69,5 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
 
+def entry() -> None:
+    """The `genome` console script: main(), then, after a failure's one line, silence (see _silence_stderr)."""
+    rc = main()
+    if rc:
+        _silence_stderr()
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -636,33 +636,35 @@ def _final_report(cfg: RunConfig, out_dir: Path, state, experts, experts_info: d
 
 def _test_report(cfg: RunConfig, state, experts, e_best: int, scorer: LLMScorer, timer: Timer,
                  progress: bool) -> dict:
-    """Score on the test split: the best individual, the best initial expert (chosen on dev), and the top-k of the
-    final population by DEV fitness, whose test predictions are ensembled for k = 1..K."""
+    """Score on the test split: the best individual, the best initial expert (chosen on dev), and the top-k by DEV
+    fitness of the best-ever + final population, whose test predictions are ensembled for k = 1..K."""
     import jax
     import numpy as np
 
     from evaluators.ensemble import DevRanking, ensemble, ensemble_task
     from evaluators.tasks import weighted_fitness
-    from genome_jax import reporting
 
     meta = experts.meta
+    # the ensemble pool: the best individual ever seen (GENOME+ particles may have moved away from it), then the
+    # final population; ranked by dev fitness (ties keep this order), copies dropped
+    best = _host(state.best)
     pop = _host(state.population)
-    fit = np.asarray(state.fitness, np.float64)
+    pool = jax.tree_util.tree_map(lambda b, p: np.concatenate([b[None], p], axis=0), best, pop)
+    fit = np.concatenate([[float(state.best_fitness)], np.asarray(state.fitness, np.float64)])
     order = [int(i) for i in np.argsort(-np.where(np.isfinite(fit), fit, -np.inf), kind="stable") if np.isfinite(fit[i])]
     top, seen = [], set()
     for i in order:  # distinct individuals only: copies of an elite would only repeat its votes
-        d = _digest(pop, i)
+        d = _digest(pool, i)
         if d not in seen:
             seen.add(d)
             top.append(i)
         if len(top) == cfg.ensemble_k:
             break
-    best = _host(state.best)
     exp = _host(experts.factors)
     # candidates: [best, expert, top...] as one numpy population
     rows = [jax.tree_util.tree_map(lambda a: a[None], best),
             jax.tree_util.tree_map(lambda a: a[e_best:e_best + 1], exp)]
-    rows += [jax.tree_util.tree_map(lambda a, i=i: a[i:i + 1], pop) for i in top]
+    rows += [jax.tree_util.tree_map(lambda a, i=i: a[i:i + 1], pool) for i in top]
     cand = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *rows)
     names = ["best", f"expert:{meta.names[e_best]}"] + [f"top{j + 1}" for j in range(len(top))]
     test = scorer.evaluate(cand, meta, names, scorer.report_tasks, "test", cfg.n_test, timer, desc="test split")
@@ -682,7 +684,7 @@ def _test_report(cfg: RunConfig, state, experts, e_best: int, scorer: LLMScorer,
     if not top:  # no individual of the final population has a finite fitness: nothing to ensemble
         return out
     # ensembles: ranking from DEV results of the members (served by the result cache), never from test
-    top_factors = jax.tree_util.tree_map(lambda a: a[np.asarray(top)], pop)
+    top_factors = jax.tree_util.tree_map(lambda a: a[np.asarray(top)], pool)
     dev = scorer.evaluate(top_factors, meta, names[2:], scorer.fit_tasks, "dev", cfg.n_dev, timer, desc="dev ranking")
     ranking = DevRanking.from_dev_results([[r[t] for t in fit_names] for r in dev], cfg.weights)
     test_top = test[2:]

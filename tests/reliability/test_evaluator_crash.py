@@ -81,6 +81,21 @@ def _is_loopback(hex_addr: str) -> bool:
     return ip in ("00000000000000000000000001000000", "0000000000000000FFFF00000100007F")  # ::1, ::ffff:127.0.0.1
 
 
+def _unread_input(pid: int) -> int:
+    """Bytes waiting in the process's stdin pipe (FIONREAD on a second open of the same pipe)."""
+    import array
+    import fcntl
+    import termios
+
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        n = array.array("i", [0])
+        fcntl.ioctl(fd, termios.FIONREAD, n)
+        return n[0]
+    finally:
+        os.close(fd)
+
+
 def _dead_pid_leftovers(pids: list[int]) -> list[str]:
     import tempfile
 
@@ -150,14 +165,18 @@ def test_killed_worker_is_restarted_and_the_run_ends_as_without_fault(experts, m
     # generation 1 exported (3rd export: experts, initial population, generation 1): freeze the worker before it
     # can answer, let the run send the job and wait for it, then kill the worker mid-generation
     run.wait_for(trace, "exported", 3, deadline)
+    worker = _worker_of(run.proc.pid)  # (the same one, unless something else killed it meanwhile: see stderr)
+    assert worker is not None, f"no evaluator worker at generation 1\n{run.stderr()}"
     os.killpg(worker, signal.SIGSTOP)  # the worker leads its own process group
-    time.sleep(0.5)
+    t_wait = time.monotonic() + 10  # until the run has sent the job (unless the worker had read it already)
+    while time.monotonic() < t_wait and _unread_input(worker) == 0:
+        time.sleep(0.05)
     assert trace.read_text().split().count("scored") == 2, "generation 1 was scored before the kill (race lost)"
     os.killpg(worker, signal.SIGKILL)
     t_kill = time.monotonic()
     rc = run.proc.wait(timeout=900)
     assert rc == -signal.SIGKILL, f"rc={rc}\n{run.stderr()}"  # the planned whole-run kill, later on
-    restarts = [(t, ln) for t, ln in run.lines if "evaluator worker crashed; restarting (retry 1/" in ln]
+    restarts = [(t, ln) for t, ln in run.lines if "evaluator worker crashed; restarting (retry" in ln and t >= t_kill]
     assert restarts, f"the worker's death went unnoticed\n{run.stderr()}"
     assert restarts[0][0] - t_kill < RESTART_BOUND_S, f"noticed after {restarts[0][0] - t_kill:.1f}s"
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]

@@ -183,8 +183,9 @@ def test_uniform_copies_each_gene_from_a_parent_in_proportion_to_the_weights():
 
 
 # ----------------------------------------------------------------------------- crossover vs single-child loop
-@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,jit", [(m, True) for m in METHODS] +
+                         [(m, False) for m in ("ties", "dare_ties", "slerp", "breadcrumbs")],
+                         ids=lambda v: v if isinstance(v, str) else ("jit" if v else "nojit"))
 def test_crossover_equals_loop_of_merge_one(method, jit):
     f = _factors(8)
     cfg = MergeConfig(method=method, density=0.5)

@@ -30,11 +30,10 @@ def _flat(tree):
     return np.concatenate([np.asarray(l).reshape(l.shape[0], -1) for l in jax.tree_util.tree_leaves(tree)], axis=1)
 
 
-@JIT
-def test_gaussian_rates_and_noise_match_definition(jit):
+def test_gaussian_rates_and_noise_match_definition():
     p, ind_rate, gene_rate, sigma = 400, 0.3, 0.2, 0.05
     pop = _pop(0, p, r=2, d_in=8, d_out=6)
-    out, mutated = _call(gaussian_mutation, jit, jax.random.PRNGKey(1), pop, individual_rate=ind_rate,
+    out, mutated = _call(gaussian_mutation, True, jax.random.PRNGKey(1), pop, individual_rate=ind_rate,
                          gene_rate=gene_rate, sigma=sigma)
     x, y = _flat(pop), _flat(out)
     changed = y != x
@@ -54,7 +53,7 @@ def test_gaussian_rates_and_noise_match_definition(jit):
     np.testing.assert_array_equal(y[~picked], x[~picked])
 
 
-@JIT
+@JIT  # the eager (no-jit) path runs here, on a small population
 def test_gaussian_full_rates_adds_noise_everywhere(jit):
     pop = _pop(1, 16)
     out, mutated = _call(gaussian_mutation, jit, jax.random.PRNGKey(2), pop, individual_rate=1.0, gene_rate=1.0,
