@@ -54,6 +54,11 @@ class RunConfig:
     eval_mode: str = "auto"  # vLLM route: swap (W+ΔW into the live engine) | lora (multi-LoRA) | auto (per platform)
     endpoints: tuple[str, ...] = ()  # external OpenAI-compatible vLLM servers instead of the managed process
     ensemble_k: int = 5  # ensembles of the top-k individuals (dev ranking), k = 1..ensemble_k
+    # placement (where the work runs, never what it computes; a resumed run may change them):
+    devices: int = 0  # local JAX devices the population axis is sharded over (0: unsharded, -1: all of them)
+    eval_devices: str | None = None  # "0,1,2,3": one managed vLLM worker per GPU
+    ray_address: str | None = None  # "local" | "auto" | "ray://host:port": one vLLM engine per Ray actor
+    ray_actors: int | None = None  # Ray actors (None: one per GPU of the cluster, or per CPU without GPUs)
 
     @property
     def weights(self) -> tuple[float, ...]:
@@ -95,7 +100,9 @@ class RunConfig:
 
 # Fields that may differ when a run is resumed: what is reported after the search, not the search itself.
 # (max_iter is part of the identity: it sizes the fitness history held in the checkpointed state.)
-RESUME_MAY_CHANGE = ("output_dir", "test_tasks", "n_test", "ensemble_k", "endpoints", "eval_mode")
+# Placement settings (devices, evaluator engines) move the work, not the search: a run may resume on other hardware.
+RESUME_MAY_CHANGE = ("output_dir", "test_tasks", "n_test", "ensemble_k", "endpoints", "eval_mode",
+                     "devices", "eval_devices", "ray_address", "ray_actors")
 
 # key -> kind, for type checking values from a config file (flags are typed by argparse already)
 _KINDS: dict[str, str] = {
@@ -126,6 +133,10 @@ _KINDS: dict[str, str] = {
     "eval_mode": "str",
     "endpoints": "str_list",
     "ensemble_k": "int",
+    "devices": "devices",
+    "eval_devices": "device_list?",
+    "ray_address": "str?",
+    "ray_actors": "int?",
 }
 assert set(_KINDS) == {f.name for f in dataclasses.fields(RunConfig)}
 _ALIASES = {"no_init_merge": "init_merge", "iters": "max_iter"}  # flag spellings accepted in config files
@@ -156,6 +167,21 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return float(value)
+    if kind == "devices":  # a count, or "all" (-1)
+        if isinstance(value, str) and value.strip().lower() == "all":
+            return -1
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer or 'all'")
+        return value
+    if kind == "device_list":  # "0,1,2,3", a single index, or a list of indices / UUIDs -> "0,1,2,3"
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int)) and not isinstance(v, bool)
+                                                    for v in value):
+            return ",".join(str(v) for v in value)
+        raise bad("a comma-separated list of devices such as 0,1,2,3")
     if kind == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")
@@ -253,6 +279,14 @@ def load_run_config(
     return cfg
 
 
+def devices_label(n: int) -> str:
+    return "all" if n == -1 else str(n)
+
+
+_RAY_ADDRESS = re.compile(r"^(local|auto|ray://[^\s/:]+(:\d+)?|[^\s/:]+:\d+)$")
+_DEVICE_LIST = re.compile(r"^\s*[^,\s]+\s*(,\s*[^,\s]+\s*)*$")
+
+
 def _check_rate(name: str, value: float) -> None:
     if not (0.0 <= value <= 1.0) or math.isnan(value):
         raise UserError(f"--{name} must be in [0, 1], got {value}")
@@ -332,6 +366,7 @@ def validate(
     for url in cfg.endpoints:
         if not re.match(r"^https?://[^\s/]+", url):
             raise UserError(f"--endpoints: '{url}' is not an http(s):// URL")
+    _validate_placement(cfg)
     if not cfg.synthetic:
         if cfg.lora_dir is None:
             raise UserError("--lora_dir is required: a folder of PEFT LoRA expert folders")
@@ -350,6 +385,36 @@ def validate(
         if auto_map:  # custom modelling code is never run (trust_remote_code stays off)
             raise UserError(f"{model_config}: the model needs custom code (auto_map), which genome never runs "
                             "(trust_remote_code is off); use a model of an architecture vLLM supports natively")
+
+
+def _validate_placement(cfg: RunConfig) -> None:
+    """--devices / --eval_devices / --ray_address / --ray_actors on their own and together. The device count
+    against the devices JAX sees, and a population that splits over them, are checked where JAX is loaded
+    (scripts/run_loop.validate_more)."""
+    if cfg.devices < -1:
+        raise UserError(f"--devices must be >= 0 (0: unsharded) or 'all', got {cfg.devices}")
+    if cfg.eval_devices is not None:
+        if cfg.backend != "vllm":
+            raise UserError("--eval_devices needs --backend vllm (it starts one vLLM worker per GPU)")
+        if cfg.endpoints:
+            raise UserError("--eval_devices cannot be combined with --endpoints (external servers place their own "
+                            "engines)")
+        if not _DEVICE_LIST.match(cfg.eval_devices):
+            raise UserError(f"--eval_devices '{cfg.eval_devices}': expected a comma-separated list such as 0,1,2,3")
+    if cfg.ray_address is not None:
+        if cfg.backend != "vllm":
+            raise UserError("--ray_address needs --backend vllm (it starts one vLLM engine per Ray actor)")
+        if cfg.endpoints:
+            raise UserError("--ray_address cannot be combined with --endpoints")
+        if cfg.eval_devices is not None:
+            raise UserError("--ray_address cannot be combined with --eval_devices (Ray gives each actor its own GPU)")
+        if not _RAY_ADDRESS.match(cfg.ray_address):
+            raise UserError(f"--ray_address '{cfg.ray_address}': expected local, auto or ray://host:port")
+    if cfg.ray_actors is not None:
+        if cfg.ray_address is None:
+            raise UserError("--ray_actors needs --ray_address")
+        if cfg.ray_actors < 1:
+            raise UserError(f"--ray_actors must be at least 1, got {cfg.ray_actors}")
 
 
 def save_run_config(cfg: RunConfig, path: str | os.PathLike) -> None:

@@ -12,10 +12,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
+
+
+def _device_count(text: str) -> int:
+    """--devices N | all (-1)."""
+    if text.strip().lower() == "all":
+        return -1
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of devices or 'all', got '{text}'") from None
+
 
 # flag -> (type for argparse, nargs, help). All defaults are None: "not given" (RunConfig supplies the defaults,
 # a config file may set them, flags override). Types are checked here; values in genome_jax.run_config.
-_FLAGS: list[tuple[str, type | None, str | None, str]] = [
+_FLAGS: list[tuple[str, Callable | None, str | None, str]] = [
     ("tasks", str, "+", "fitness tasks: registered names (mmlu gsm8k arc_c ...), task files, or 'synthetic'"),
     ("task_weights", float, "+", "one weight per task (normalised to sum 1; default equal)"),
     ("test_tasks", str, "+", "tasks reported on the test split at the end; those not in --tasks are unseen tasks"),
@@ -42,6 +54,12 @@ _FLAGS: list[tuple[str, type | None, str | None, str]] = [
     ("eval_mode", str, None, "vLLM route: swap (W+ΔW into the live engine) | lora (multi-LoRA) | auto (default: per platform)"),
     ("endpoints", str, "+", "external OpenAI-compatible vLLM servers (http://host:port ...)"),
     ("ensemble_k", int, None, "report ensembles of the top k = 1..K individuals (default 5)"),
+    # placement: where the work runs, not what it computes (a resumed run may change these)
+    ("devices", _device_count, None, "shard the population over N local JAX devices, or 'all' (default 0: unsharded); "
+                                     "population sizes must be multiples of N"),
+    ("eval_devices", str, None, "vllm: one managed vLLM worker per listed GPU, e.g. 0,1,2,3"),
+    ("ray_address", str, None, "vllm: one engine per Ray actor on a Ray cluster: local | auto | ray://host:port"),
+    ("ray_actors", int, None, "with --ray_address: number of Ray actors (default one per GPU, or per CPU)"),
 ]
 CONFIG_KEYS = [f[0] for f in _FLAGS] + ["init_merge"]
 

@@ -82,6 +82,10 @@ def prepare(flags: Mapping[str, Any], *, config_file: str | None = None,
     # absolute paths: the saved config must mean the same folders when the run is resumed from elsewhere
     cfg = dataclasses.replace(cfg, **{k: str(Path(v).expanduser().absolute()) for k in ("lora_dir", "model_path")
                                       if (v := getattr(cfg, k)) is not None})
+    if cfg.eval_devices is not None:  # GPU indices / UUIDs: the evaluators' parser says what is valid
+        from evaluators.backends.device_pool import parse_devices
+
+        cfg = dataclasses.replace(cfg, eval_devices=",".join(parse_devices(cfg.eval_devices)))
     if not cfg.synthetic:  # task names, files and scoring modes are the evaluators' to check
         for t in cfg.tasks:
             _check_task(t, cfg.scoring, ("dev", "test"))
@@ -135,6 +139,8 @@ def validate_more(cfg: RunConfig) -> None:
     if cfg.init_merge and n_experts < 2:
         raise UserError(f"--lora_dir {cfg.lora_dir}: one expert only; the initial merges need at least 2 "
                         "(or use --no-init-merge)")
+    if cfg.devices:
+        population_mesh(cfg, params)  # raises UserError: more devices than JAX sees, or a size that does not split
     if cfg.backend == "jax" and not cfg.synthetic:
         for t in cfg.tasks:
             from evaluators.tasks import CHOICE_LOGPROB, get_task
@@ -145,6 +151,30 @@ def validate_more(cfg: RunConfig) -> None:
 
 
 _SYNTHETIC_EXPERTS = 4  # genome_jax.synthetic.synthetic_experts' default pool size
+
+
+def population_mesh(cfg: RunConfig, params):
+    """The mesh of `--devices` (None when 0: unsharded): the first N local devices (-1: all), one axis "pop".
+    Raises UserError when N exceeds the local devices or a population size of the method does not split over N."""
+    if not cfg.devices:
+        return None
+    import jax
+
+    from genome_jax import sharding
+    from genome_jax.run_config import devices_label
+    from genome_jax.strategies import get_strategy
+
+    label = devices_label(cfg.devices)
+    local = jax.local_devices()
+    if cfg.devices > len(local):
+        raise UserError(f"--devices {label}: JAX sees {len(local)} local device(s) here "
+                        f"({local[0].platform}); use at most {len(local)}, or 0 for unsharded")
+    mesh = sharding.population_mesh(local, n_devices=None if cfg.devices == -1 else cfg.devices)
+    try:
+        sharding.check_divisible(sharding.population_sizes(get_strategy(cfg.method), params), mesh)
+    except UserError as e:
+        raise UserError(f"--devices {label}: {e}") from None
+    return mesh
 
 
 # ------------------------------------------------------------------------------------------------------ timing
@@ -192,6 +222,21 @@ def _digest(tree, i: int) -> str:
     return h.hexdigest()
 
 
+def _whole(tree):
+    """A population sharded over several devices (--devices), replicated so that each device sees whole individuals
+    (as an evaluator process does after export): a batched reduction over a split axis would add in another order
+    and change the last bits of the fitness. Anything else is returned as is."""
+    import jax
+
+    leaves = jax.tree_util.tree_leaves(tree)
+    sh = getattr(leaves[0], "sharding", None) if leaves else None
+    if sh is None or len(sh.device_set) < 2 or sh.is_fully_replicated or not hasattr(sh, "mesh"):
+        return tree
+    from genome_jax.sharding import replicate
+
+    return replicate(tree, sh.mesh)
+
+
 class SyntheticScorer:
     """TEST PROBLEM: fitness = closeness of ΔW to a hidden mix of the experts (genome_jax.synthetic). No LLM."""
 
@@ -212,7 +257,7 @@ class SyntheticScorer:
 
         bar = reporting.progress_bar(len(idx), "scoring (synthetic)", disable=not progress)
         with timer("scoring"):  # the whole population at once: one compiled shape for every generation
-            full = np.asarray(self._score(self.problem, factors))
+            full = np.asarray(self._score(self.problem, _whole(factors)))
             out = [float(full[i]) for i in idx]
         faults.point("scored")
         bar.update(len(idx))
@@ -224,6 +269,23 @@ class SyntheticScorer:
 
 
 EVAL_RETRIES = 2  # fresh evaluator workers tried after a crash within one scoring call, before the run stops
+
+
+def evaluator_kwargs(cfg: RunConfig, rank: int) -> dict[str, Any]:
+    """Keyword arguments of `evaluators.backends.make_evaluator` for this run (besides model, cache and progress):
+    external --endpoints, one managed worker per --eval_devices GPU, Ray actors at --ray_address, or one managed
+    worker. rank: the experts' LoRA rank (vLLM's max_lora_rank is the next size it supports)."""
+    allowed = (8, 16, 32, 64, 128, 256, 512)
+    kw: dict[str, Any] = {"endpoints": list(cfg.endpoints) or None, "eval_mode": cfg.eval_mode,
+                          "max_lora_rank": next((a for a in allowed if a >= max(rank, 16)), rank)}
+    if cfg.ray_address is not None:  # Ray replaces a lost actor itself and rescores its individual
+        kw.update(ray_address=cfg.ray_address, ray_actors=cfg.ray_actors)
+    else:
+        # retries: a worker that dies or hangs mid-generation is restarted and the generation rescored
+        kw["retries"] = EVAL_RETRIES
+        if cfg.eval_devices is not None:
+            kw["eval_devices"] = cfg.eval_devices
+    return kw
 
 
 class LLMScorer:
@@ -251,12 +313,8 @@ class LLMScorer:
         else:
             from evaluators.backends import make_evaluator, scratch_dir
 
-            allowed = (8, 16, 32, 64, 128, 256, 512)
-            max_rank = next((a for a in allowed if a >= max(rank, 16)), rank)
-            # retries: a worker that dies or hangs mid-generation is restarted and the generation rescored
-            self.evaluator = make_evaluator(model_path, endpoints=list(cfg.endpoints) or None,
-                                            eval_mode=cfg.eval_mode, max_lora_rank=max_rank,
-                                            cache_dir=str(cache_dir), progress=progress, retries=EVAL_RETRIES)
+            self.evaluator = make_evaluator(model_path, **evaluator_kwargs(cfg, rank), cache_dir=str(cache_dir),
+                                            progress=progress)
             self.scratch = Path(scratch_dir("genome-run-"))
             start = getattr(self.evaluator.backend, "start", None)
             if start is not None:  # start the engine now, so its start-up time is reported on its own
@@ -373,7 +431,14 @@ def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print) -> d
     timer = Timer()
     _enable_compilation_cache()
     params = strategy_params(cfg)
-    strategy = get_strategy(cfg.method)
+    plain = get_strategy(cfg.method)
+    mesh = population_mesh(cfg, params)  # --devices N: the population axis sharded over N local devices
+    if mesh is None:
+        strategy = plain
+    else:
+        from genome_jax.sharding import ShardedStrategy
+
+        strategy = ShardedStrategy(plain, mesh, params)
     with timer("load"):
         experts = _load_experts(cfg)
         model_path = None if cfg.synthetic else (cfg.model_path or _default_model_path())
@@ -408,9 +473,16 @@ def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print) -> d
         key = jax.random.PRNGKey(cfg.seed)
         k_init, k_run = jax.random.split(key)
         n0 = params.population_size
-        zeros = jax.tree_util.tree_map(lambda a: jnp.zeros((n0,) + a.shape[1:], a.dtype), experts.factors)
-        template = strategy.init(k_run, zeros, jnp.zeros((n0,), jnp.float32), params)
-        restored = ckpt.restore_latest(template)
+
+        def template():  # the state's structure: a zero population through init
+            zeros = jax.tree_util.tree_map(lambda a: jnp.zeros((n0,) + a.shape[1:], a.dtype), experts.factors)
+            return plain.init(k_run, zeros, jnp.zeros((n0,), jnp.float32), params)
+
+        if mesh is None:
+            target = template()
+        else:  # shapes only, carrying this run's shardings: a checkpoint saved on any device count lands split
+            target = strategy.abstract(jax.eval_shape(template))
+        restored = ckpt.restore_latest(target)
         experts_info = _read_json(out_dir / EXPERTS)
         if restored is None:
             reporting.truncate_metrics(out_dir, -1)
