@@ -228,12 +228,40 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+@jax.custom_vjp
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """x: (P, B, T, d_in), a: (P, r, d_in), b: (P, d_out, r) -> (P, B, T, d_out) = (x a^T) b^T.
+
+    Same value as plain autodiff; the custom backward only fixes the layout of the B gradient: autodiff asks for
+    dB = g^T h as (d_out, r), and XLA:CPU then transposes the whole (B*T, d_out) cotangent g before the GEMM
+    (13 ms per MLP projection per layer here, a third of the train step). Computing dB^T = h^T g as (r, d_out)
+    and transposing that small result instead is the same sum in the same order."""
+    h = jnp.einsum("pbti,pri->pbtr", x, a)
+    return jnp.einsum("pbtr,por->pbto", h, b)
+
+
+def _lora_delta_fwd(x, a, b):
+    h = jnp.einsum("pbti,pri->pbtr", x, a)
+    return jnp.einsum("pbtr,por->pbto", h, b), (x, a, b, h)
+
+
+def _lora_delta_bwd(res, g):
+    x, a, b, h = res
+    db_t = jax.lax.optimization_barrier(jnp.einsum("pbtr,pbto->pro", h, g))  # (P, r, d_out): no big transpose
+    gh = jnp.einsum("pbto,por->pbtr", g, b)
+    da = jnp.einsum("pbtr,pbti->pri", gh, x)
+    dx = jnp.einsum("pbtr,pri->pbti", gh, a)
+    return dx, da, jnp.swapaxes(db_t, 1, 2)
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+
+
 def linear(x: jax.Array, w: jax.Array, lora: dict[str, jax.Array] | None) -> jax.Array:
     """x: (P, B, T, d_in), w: (d_out, d_in) shared, lora A: (P, r, d_in), B: (P, d_out, r) -> (P, B, T, d_out)."""
     y = jnp.einsum("pbti,oi->pbto", x, w)
     if lora is not None:
-        h = jnp.einsum("pbti,pri->pbtr", x, lora["A"].astype(x.dtype))
-        y = y + jnp.einsum("pbtr,por->pbto", h, lora["B"].astype(x.dtype))
+        y = y + lora_delta(x, lora["A"].astype(x.dtype), lora["B"].astype(x.dtype))
     return y
 
 

@@ -232,3 +232,24 @@ def test_smollm2_population_matches_peft(model_path, smollm2_tokenizer, smollm2_
             pm.unload()
         assert np.abs(ref - base)[mask].max() > 0.05  # the adapter changes the logits
         assert np.abs(out[p] - ref)[mask].max() < 1e-3
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+def test_lora_delta_gradients_equal_the_definition(jit):
+    """The custom backward of llama.lora_delta (a layout fix) against numpy gradients of y = (x A^T) B^T for a loss
+    sum(y * c): dB = c^T h, dA = (c B)^T x, dx = (c B) A, with h = x A^T."""
+    rs = np.random.RandomState(0)
+    x, a, b, c = (rs.randn(*s).astype(np.float32) for s in ((2, 3, 5, 7), (2, 4, 7), (2, 6, 4), (2, 3, 5, 6)))
+
+    def loss(x, a, b):
+        return jnp.sum(llama.lora_delta(x, a, b) * c)
+
+    g = jax.grad(loss, argnums=(0, 1, 2))
+    dx, da, db = (np.asarray(t) for t in (jax.jit(g) if jit else g)(x, a, b))
+    h = np.einsum("pbti,pri->pbtr", x, a)
+    gh = np.einsum("pbto,por->pbtr", c, b)
+    np.testing.assert_allclose(db, np.einsum("pbto,pbtr->por", c, h), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(da, np.einsum("pbtr,pbti->pri", gh, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, np.einsum("pbtr,pri->pbti", gh, a), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(llama.lora_delta(x, a, b)), np.einsum("pbtr,por->pbto", h, b), rtol=1e-5,
+                               atol=1e-5)
