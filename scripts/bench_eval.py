@@ -107,6 +107,19 @@ def _maxdiff(a: list, b: list) -> tuple[float, float]:
     return md, same
 
 
+def _base_rates(eng, reqs: list, P: int) -> tuple[float, float]:
+    """The ceiling: samples/s of the base model (no adapter) on the P x N requests, as one batch of P x N and as
+    P batches of N (the shape ours runs; on CPU it measured faster: a smaller KV cache footprint). Callers keep
+    the faster of the two."""
+    total = len(reqs) * P
+    t0 = time.perf_counter()
+    eng.answer([(None, None, reqs * P)])
+    one_batch = total / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    eng.answer([(None, None, reqs)] * P)
+    return one_batch, total / (time.perf_counter() - t0)
+
+
 def run(args: argparse.Namespace) -> int:
     from evaluators.backends.base import scratch_dir
     from evaluators.backends.managed import ManagedBackend
@@ -154,14 +167,7 @@ def run(args: argparse.Namespace) -> int:
             ours, base, share, exp_s, load_s, base_shapes = [], [], [], [], [], []
             outs_a = None
             for rep in range(args.repeats):
-                # the ceiling: the base model on the same requests, as one batch of P x N and as P batches of N
-                # (the shape ours runs; on CPU it measured faster: a smaller KV cache footprint); the faster counts
-                t0 = time.perf_counter()
-                eng.answer([(None, None, reqs * P)])
-                one_batch = total / (time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                eng.answer([(None, None, reqs)] * P)
-                per_ind = total / (time.perf_counter() - t0)
+                one_batch, per_ind = _base_rates(eng, reqs, P)
                 base.append(max(one_batch, per_ind))
                 base_shapes.append((one_batch, per_ind))
                 gen_dir = tempfile.mkdtemp(prefix=f"gen{rep}-", dir=scratch)
@@ -198,12 +204,7 @@ def run(args: argparse.Namespace) -> int:
                 eng.answer([(None, None, reqs[: min(4, n)])])  # warm-up
                 runs = []
                 for rep in range(args.repeats):
-                    t0 = time.perf_counter()
-                    eng.answer([(None, None, reqs * P)])
-                    one_batch = total / (time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                    eng.answer([(None, None, reqs)] * P)
-                    runs.append(max(one_batch, total / (time.perf_counter() - t0)))
+                    runs.append(max(_base_rates(eng, reqs, P)))
                     print(f"  base in {native}: repeat {rep + 1}/{args.repeats}: {runs[-1]:.2f} samples/s", flush=True)
             finally:
                 eng.close()

@@ -6,16 +6,7 @@ import json
 
 import pytest
 
-from scripts import cli
-
-
-def _run(argv, capsys):
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:  # argparse-level errors (bad types) exit from inside parse_args
-        rc = e.code
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
+from cli_helpers import run_cli
 
 
 @pytest.fixture
@@ -85,7 +76,7 @@ def test_bad_flags_exit_1_with_one_line_and_write_nothing(tmp_path, capsys, yaml
         args.append(a.replace("{tmp}", str(tmp_path)))
     if "--resume" not in args:
         args += ["--output_dir", str(out)]
-    rc, stdout, stderr = _run(["run", *args], capsys)
+    rc, stdout, stderr = run_cli(["run", *args], capsys)
     assert rc == 1, (rc, stderr)
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
@@ -112,7 +103,7 @@ def test_different_config_in_existing_run_folder_is_refused(tmp_path, capsys):
     out.mkdir()
     save_run_config(load_run_config({"tasks": ["synthetic"], "population_size": 4}), out / "run_config.json")
     before = sorted(p.name for p in out.iterdir())
-    rc, _, stderr = _run(["run", "--tasks", "synthetic", "--population_size", "6", "--output_dir", str(out)], capsys)
+    rc, _, stderr = run_cli(["run", "--tasks", "synthetic", "--population_size", "6", "--output_dir", str(out)], capsys)
     assert rc == 1
     assert "holds a run with a different config (population_size: 4 -> 6)" in stderr
     assert len(stderr.strip().splitlines()) == 1
@@ -124,7 +115,7 @@ def test_foreign_non_empty_output_dir_is_refused(tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    rc, _, stderr = _run(["run", "--tasks", "synthetic", "--output_dir", str(out)], capsys)
+    rc, _, stderr = run_cli(["run", "--tasks", "synthetic", "--output_dir", str(out)], capsys)
     assert rc == 1 and "holds no genome run" in stderr
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts import cli
+from cli_helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,15 +51,6 @@ CASES = [
 ]
 
 
-def _run(argv, capsys):
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:  # argparse-level errors (bad types) exit from inside parse_args
-        rc = e.code
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
 @pytest.mark.parametrize("case_id, argv, message", CASES, ids=[c[0] for c in CASES])
 def test_bad_placement_flags_exit_1_with_one_line(tmp_path, capsys, case_id, argv, message):
     out = tmp_path / "out"
@@ -71,7 +62,7 @@ def test_bad_placement_flags_exit_1_with_one_line(tmp_path, capsys, case_id, arg
         args.append(a)
     if "--config" not in args:
         args = ["--tasks", "synthetic", *args]
-    rc, _, stderr = _run(["run", *args, "--output_dir", str(out)], capsys)
+    rc, _, stderr = run_cli(["run", *args, "--output_dir", str(out)], capsys)
     assert rc == 1, (rc, stderr)
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("genome: error: "), stderr
