@@ -4,8 +4,9 @@ genome_jax.models.trainer).
     genome train-experts --model_path M --out DIR --experts mmlu=mmlu medmcqa=path/to/medmcqa.json:test \\
         --rank 8 --steps 30 --lr 2e-3
 
-writes DIR/<name>/ (PEFT folders that peft and vLLM load) and DIR/train_log.json (config, loss curve per expert,
-tokens/s, and with --eval_n the held-out accuracy of each expert next to the base model's).
+writes DIR/<name>/ (PEFT folders that peft and vLLM load, each with genome_provenance.json: the task file, split and
+item hashes it was trained on) and DIR/train_log.json (config, loss curve per expert, tokens/s, and with --eval_n the
+held-out accuracy of each expert next to the base model's).
 `genome train-experts --demo [--eval_n N]` builds (or reuses) the demo's cached pool and prints its folder (with
 --eval_n, a JSON report of each expert's held-out accuracy next to the base model's).
 """

@@ -405,6 +405,7 @@ def train_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], out
         names=tuple(names)))
     out_dir.mkdir(parents=True, exist_ok=True)
     export_population(pop, out_dir)
+    write_provenance_files(out_dir, experts, tasks)
     result = {"model_path": os.fspath(model_path), "config": _cfg_json(cfg), "experts": entries}
     if eval_n > 0:
         if cfg.dtype != "float32":  # score in float32, as the reference scorers do
@@ -413,6 +414,17 @@ def train_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], out
         result["eval"] = evaluate_experts(params, config, tokenizer, pop.factors, experts, tasks, eval_n, log=log)
     _write_json_atomic(out_dir / "train_log.json", result)
     return result
+
+
+def write_provenance_files(out_dir: Path, experts: Sequence[ExpertSpec], tasks: Sequence[Any]) -> None:
+    """out_dir/<name>/genome_provenance.json for each expert: the task file, split, item indices and item-text
+    hashes it was trained on (evaluators.provenance; `genome run` refuses tasks whose dev/test items are among them).
+    Records every item of the split task_examples read, over-long ones included: the check errs towards refusing."""
+    from evaluators import provenance  # like _get_task: the experts train on the evaluators' task files
+
+    for spec, task in zip(experts, tasks):
+        entry = provenance.make_entry(task.name, getattr(task, "path", None), spec.split, task.load(spec.split))
+        provenance.write_provenance(out_dir / spec.name, [entry])
 
 
 def evaluate_experts(params, config, tokenizer, factors, experts, tasks, n: int, *, log) -> list[dict]:
