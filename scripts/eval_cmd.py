@@ -1,7 +1,8 @@
 """`genome eval`: score adapters (or the base model) on tasks and print a JSON object of per-task scores.
 
     genome eval --model_path M [--adapter DIR ...] --tasks gsm8k mmlu --split dev|test [--n N]
-                [--scoring generate|choice_logprob|loglik] [--endpoints http://host:port ...] [--eval_mode auto|swap|lora]
+                [--scoring generate|choice_logprob|loglik] [--endpoints http://host:port ...]
+                [--eval_mode auto|swap|lora]
 
 Without --adapter the base model is scored. The scores go to stdout as JSON (`scores`: each task's fitness score;
 `metrics`: all of each task's metrics, e.g. acc and acc_norm under loglik); progress and notes go to stderr.

@@ -1,5 +1,5 @@
-"""JAX scoring backend for multiple-choice (`choice_logprob` and `loglik`) requests: every individual of a population on N
-requests in jitted, batched forward passes, no PEFT export.
+"""JAX scoring backend for multiple-choice (`choice_logprob` and `loglik`) requests: every individual of a population
+on N requests in jitted, batched forward passes, no PEFT export.
 
 A request is anything with `.prompt: str` and `.options: tuple[str, ...]` (evaluators.protocol.ChoiceRequest;
 genome_jax never imports evaluators, so the types are duck-typed and `to_responses` takes the response class).

@@ -39,7 +39,8 @@ def test_every_shipped_task_loads_with_readme_counts(name):
     task = get_task(name)
     assert task.kind == kind
     assert len(task.load("dev")) == n_dev and len(task.load("test")) == n_test
-    assert task.mode == (CHOICE_LOGPROB if kind == "multiple_choice" else GENERATE)
+    default = "loglik" if name == "winogrande" else CHOICE_LOGPROB if kind == "multiple_choice" else GENERATE
+    assert task.mode == default
     items = task.load("test", n=5)
     assert [it["_index"] for it in items] == list(range(5)) and {it["_split"] for it in items} == {"test"}
 
