@@ -1,5 +1,5 @@
-"""Top-k ensembles of evolved individuals: majority vote over per-sample predictions and, for choice_logprob tasks,
-averaged option probabilities. Accuracy for k = 1..K.
+"""Top-k ensembles of evolved individuals: majority vote over per-sample predictions and, for choice_logprob and
+loglik tasks, averaged option probabilities. Accuracy for k = 1..K.
 
 Ranking comes from DEV results only. The ensemble functions accept the ranking solely as a `DevRanking`, which can
 only be built by `DevRanking.from_dev_results(...)` from TaskResults whose split is "dev"; the predictions to combine
@@ -11,7 +11,7 @@ Rules (deterministic):
 - vote: per sample, the most frequent non-empty prediction among the members ("" = no answer extracted = abstain);
   a tie between answers goes to the answer of the best-ranked member among those giving a tied answer. If every
   member abstains the sample scores 0. The voted answer scores what its givers scored on that sample.
-- prob_avg (choice_logprob only): per sample, the mean of the members' option probabilities; the option with the
+- prob_avg (choice_logprob and loglik): per sample, the mean of the members' option probabilities; the option with the
   highest mean wins (exact ties: the first option), scored 1 if it is the gold label.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ class TaskEnsemble:
     task: str
     members: tuple[int, ...]  # individuals best first (the top-k are members[:k])
     vote: tuple[float, ...]  # (K,)
-    prob_avg: tuple[float, ...] | None  # (K,) choice_logprob tasks only
+    prob_avg: tuple[float, ...] | None  # (K,) choice_logprob and loglik tasks only
     single: tuple[float, ...]  # (K,) test score of the k-th ranked individual alone (for reference)
 
     def to_json(self) -> dict:

@@ -20,8 +20,12 @@ README_TABLE = {
     "gsm8k": ("exact_match", 200, 1000), "mmlu": ("multiple_choice", 200, 1000),
     "hellaswag": ("multiple_choice", 200, 1000), "truthfulqa": ("multiple_choice", 200, 617),
     "medmcqa": ("multiple_choice", 200, 1000), "nlgraph": ("exact_match", 200, 1000),
-    "arc_c": ("multiple_choice", 200, 1000), "drop": ("free_answer", 200, 1000),
+    "arc_c": ("multiple_choice", 200, 1000), "drop": ("free_answer", 200, 996),
+    "arc_e": ("multiple_choice", 200, 1000), "piqa": ("multiple_choice", 200, 1000),
+    "openbookqa": ("multiple_choice", 200, 500), "boolq": ("multiple_choice", 200, 1000),
+    "commonsense_qa": ("multiple_choice", 200, 1000), "winogrande": ("multiple_choice", 200, 1000),
 }
+DROP_REMOVED = (73, 164, 799, 933)  # test items of ../shared/data's drop.json that duplicate dev items
 
 
 # ---------------------------------------------------------------------------------------------------- registry
@@ -35,7 +39,8 @@ def test_every_shipped_task_loads_with_readme_counts(name):
     task = get_task(name)
     assert task.kind == kind
     assert len(task.load("dev")) == n_dev and len(task.load("test")) == n_test
-    assert task.mode == (CHOICE_LOGPROB if kind == "multiple_choice" else GENERATE)
+    default = "loglik" if name == "winogrande" else CHOICE_LOGPROB if kind == "multiple_choice" else GENERATE
+    assert task.mode == default
     items = task.load("test", n=5)
     assert [it["_index"] for it in items] == list(range(5)) and {it["_split"] for it in items} == {"test"}
 
@@ -49,9 +54,29 @@ def test_readme_table_matches_shipped_readme():
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data not present")
 def test_shipped_copies_are_identical_to_shared_data():
     for name in README_TABLE:
+        if name == "drop":  # test split deduplicated against dev: see the next test
+            continue
         with open(os.path.join(SHARED, f"{name}.json"), "rb") as a, \
                 open(os.path.join(default_data_dir(), f"{name}.json"), "rb") as b:
             assert a.read() == b.read(), name
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data not present")
+def test_shipped_drop_is_shared_drop_without_its_dev_duplicates():
+    """The shipped drop.json = ../shared/data's with 4 test items removed, and no test item left shares passage and
+    question (case and whitespace normalised) with a dev item."""
+    with open(os.path.join(SHARED, "drop.json")) as f:
+        shared = json.load(f)
+    with open(os.path.join(default_data_dir(), "drop.json")) as f:
+        shipped = json.load(f)
+
+    def key(it):
+        return " ".join(it["passage"].lower().split()), " ".join(it["question"].lower().split())
+
+    dev = {key(it) for it in shared["dev"]}
+    assert [i for i, it in enumerate(shared["test"]) if key(it) in dev] == list(DROP_REMOVED)
+    assert shipped["dev"] == shared["dev"]
+    assert shipped["test"] == [it for i, it in enumerate(shared["test"]) if i not in DROP_REMOVED]
 
 
 def test_data_dir_override(tmp_path):
@@ -64,7 +89,7 @@ def test_data_dir_override(tmp_path):
 
 
 def test_unknown_task_name():
-    with pytest.raises(UserError, match=r"unknown task 'mmluu' \(known: arc_c, drop"):
+    with pytest.raises(UserError, match=r"unknown task 'mmluu' \(known: arc_c, arc_e, boolq, commonsense_qa, drop"):
         get_task("mmluu")
 
 

@@ -1,6 +1,7 @@
 """`genome eval` input errors: one line on stderr, exit 1, checked before any engine starts."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,3 +32,22 @@ def test_eval_refuses_bad_adapters_before_starting_an_engine(model_path, make_pe
 
     out = _genome("eval", "--model_path", str(model_path), "--tasks", "no_such_task")
     assert out.returncode == 1 and "unknown task 'no_such_task'" in out.stderr
+
+
+@pytest.mark.slow
+def test_eval_refuses_bad_loglik_items_before_starting_an_engine(model_path, tmp_path):
+    """--scoring loglik: a WinoGrande sentence with two blanks, or letter scoring of WinoGrande, is one line, exit 1,
+    nothing on stdout."""
+    good = {"question": "A _ b.", "choices": {"A": "x", "B": "y"}, "answer": "A", "id": "g"}
+    (tmp_path / "winogrande.json").write_text(json.dumps(
+        {"dev": [good, {**good, "question": "_ and _", "id": "two"}], "test": [good]}))
+    out = _genome("eval", "--model_path", str(model_path), "--tasks", "winogrande", "--data_dir", str(tmp_path),
+                  "--scoring", "loglik")
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"genome: error: {tmp_path / 'winogrande.json'}: dev item 1 (id 'two'): a WinoGrande sentence needs "
+        "exactly one '_' blank, found 2")
+    out = _genome("eval", "--model_path", str(model_path), "--tasks", "winogrande", "--scoring", "choice_logprob")
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
+        "genome: error: task 'winogrande' is a fill-in-the-blank task scored only with 'loglik' (partial scoring), "
+        "not 'choice_logprob'")

@@ -163,5 +163,39 @@ def test_jax_scorer_evaluate_returns_task_results(model_path, make_peft_adapter,
         assert r.n == 3 and r.mode == "choice_logprob"
         labels = [list(o) for o in r.options]
         assert list(r.predictions) == [labels[i][int(np.nanargmax(lp[p, i]))] for i in range(3)]
-    with pytest.raises(Exception, match="no scoring mode 'choice_logprob'"):
+    with pytest.raises(UserError, match="the JAX scorer scores choice requests only"):
         js.evaluate(pop.factors, [get_task("gsm8k")], "dev", 2, ChoiceResponse)
+
+
+@pytest.mark.slow
+def test_loglik_requests_match_transformers_peft(model_path, smollm2_tokenizer, smollm2_fp32, make_peft_adapter,
+                                                 tmp_path):
+    """`loglik` requests (option texts, WinoGrande's one-option requests, a long BoolQ context) through
+    JaxScorer.evaluate: log-probs equal the transformers (+ peft) fp32 reference, and the TaskResults (acc,
+    acc_norm, predictions) equal those the task computes from the reference's answers."""
+    from peft import PeftModel
+
+    from evaluators.reference import answer_with_transformers
+    from evaluators.tasks import LOGLIK, get_task
+    from genome_jax.population import load_population
+
+    make_peft_adapter(tmp_path / "a", rank=4, alpha=8, seed=7, scale=4.0)
+    pop = load_population(tmp_path)
+    tasks = [get_task(name, mode=LOGLIK, formatter=str(model_path)) for name in ("arc_e", "winogrande", "boolq")]
+    js = scorer.JaxScorer(model_path, batch_size=4)
+    results = js.evaluate(pop.factors, tasks, "dev", 2, ChoiceResponse)
+    pm = PeftModel.from_pretrained(smollm2_fp32, tmp_path / "a").eval()
+    try:
+        for task in tasks:
+            items = task.load("dev", 2)
+            reqs = task.build_requests(items)
+            ref = answer_with_transformers(str(model_path), reqs, _loaded=(pm, smollm2_tokenizer))
+            got = js.score(pop.factors, reqs)[0]
+            for n, (r, b) in enumerate(zip(reqs, ref)):
+                np.testing.assert_allclose(got[n, : len(r.options)], b.logprobs, atol=2e-3, rtol=0)
+            want = task.score(items, ref)
+            res = results[0][task.name]
+            assert res.mode == LOGLIK and set(res.metrics) == {"acc", "acc_norm"}
+            assert res.predictions == want.predictions and res.metrics == want.metrics, task.name
+    finally:
+        pm.unload()
