@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -292,6 +293,10 @@ def run(args: argparse.Namespace) -> int:
     if args.population < 4 or args.layers < 1 or args.repeats < 1:
         raise UserError("--population must be >= 4 and --layers, --repeats >= 1")
     if args.emit_row:
+        if os.environ.get("GENOME_JAX_COMPILE_CACHE"):  # a child of this bench: the probes' cache folder
+            from genome_jax.compile_cache import enable_compilation_cache
+
+            enable_compilation_cache()
         print("ROW " + json.dumps(measure_size(args, args.population, args.layers)), flush=True)
         return 0
     if args.emit_compile:
@@ -308,22 +313,27 @@ def run(args: argparse.Namespace) -> int:
           f"buffer {bw['fresh_gbs']:.2f} GB/s (page faults included)", flush=True)
 
     comp = None
+    cache = tempfile.mkdtemp(prefix="genome-compile-cache-")
     if args.compile:
-        with tempfile.TemporaryDirectory(prefix="genome-compile-cache-") as cache:
-            env = {"GENOME_JAX_COMPILE_CACHE": cache}
-            extra = ["--population", str(args.population), "--layers", str(args.layers), "--emit-compile"]
-            cold = _child(args, extra, env, "COMPILE ")
-            warm = _child(args, extra, env, "COMPILE ")
+        env = {"GENOME_JAX_COMPILE_CACHE": cache}
+        extra = ["--population", str(args.population), "--layers", str(args.layers), "--emit-compile"]
+        cold = _child(args, extra, env, "COMPILE ")
+        warm = _child(args, extra, env, "COMPILE ")
         comp = (cold["compile_s"], warm["compile_s"])
         print(f"  compile of ask + tell (P={args.population}, {args.layers} layers), each in a fresh process: cold "
               f"{cold['compile_s']:.1f} s (empty cache), warm {warm['compile_s']:.1f} s (ask stored before: cold "
               f"{cold['ask_was_stored']}, warm {warm['ask_was_stored']}; tell: {cold['tell_was_stored']}, "
               f"{warm['tell_was_stored']})", flush=True)
 
-    # the extra sizes each in a fresh process first (bounded memory on a shared box), then the main size here
+    # every size in a fresh process (bounded memory on a shared box)
     extra = [_child(args, ["--population", str(P), "--layers", str(_layers_for(args, P)), "--emit-row"])
              for P in (args.scaling or []) if P != args.population]
-    rows = [measure_size(args, args.population, args.layers)] + extra
+    # the main size in a fresh process too, reusing the probes' programs (as a second `genome run` would)
+    try:
+        rows = [_child(args, ["--population", str(args.population), "--layers", str(args.layers), "--emit-row"],
+                       {"GENOME_JAX_COMPILE_CACHE": cache})] + extra
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
     base = None
     if args.baseline_children > 0 and args.method == "ties":

@@ -26,12 +26,12 @@ def test_minimum_bytes_and_llc():
 def test_forward_flops_by_hand():
     from scripts.bench_gpu import SCORER_SHAPES, _forward_flops, llama_config
 
-    c = llama_config(SCORER_SHAPES["tiny"])  # hidden 64, MLP 128, 4 heads x 16, 2 KV heads, 2 layers
+    c = llama_config(SCORER_SHAPES["tiny"])  # hidden 64, MLP 128, 4 heads x 16, 2 KV heads, 1 layer
     weights = 64 * 64 * 2 + 32 * 64 * 2 + 3 * 64 * 128  # q, o; k, v; gate, up, down
     attn = 2 * 16 * 4 * 16  # causal QK^T + PV at T = 16
-    assert _forward_flops(c, tokens=10, seq=16) == 2 * 10 * 2 * (weights + attn // 2)
+    assert _forward_flops(c, tokens=10, seq=16) == 2 * 10 * (weights + attn // 2)
     lora = 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)  # rank 4
-    assert _forward_flops(c, tokens=10, seq=16, rank=4) - _forward_flops(c, tokens=10, seq=16) == 2 * 10 * lora
+    assert _forward_flops(c, tokens=10, seq=16, rank=4) - _forward_flops(c, tokens=10, seq=16) == 10 * lora
 
 
 @pytest.mark.slow
