@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
@@ -53,11 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="target modules of random adapters")
     parser.add_argument("--task", default="mmlu", help="task whose dev items make the requests (default mmlu)")
     parser.add_argument("--scoring", nargs="+", default=list(SCORING_MODES), metavar="MODE",
-                        help=f"scoring modes measured, one score-throughput line each (default: {' '.join(SCORING_MODES)})")
+                        help="scoring modes measured, one score-throughput line each "
+                             f"(default: {' '.join(SCORING_MODES)})")
     parser.add_argument("--n", type=int, default=32, help="samples per adapter (default 32)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of (a) and (c) (medians reported)")
     parser.add_argument("--eval_mode", default="auto", choices=("auto", "swap", "lora"), help="path used for (a)")
-    parser.add_argument("--dtype", default=None, help="engine dtype for (a)/(c) (default: the model's, bf16 for SmolLM2)")
+    parser.add_argument("--dtype", default=None,
+                        help="engine dtype for (a)/(c) (default auto: the model's bf16, float32 on CPUs without bf16)")
     parser.add_argument("--skip_other_dtype", action="store_true",
                         help="skip the engine in the other dtype (bf16 <-> float32): its base ceiling and the "
                              "prediction agreement of its weight swap with (a)")
@@ -169,7 +170,8 @@ def _ours_and_base(eng, reqs: list, sources: list[str], scratch: str, repeats: i
               f"(one batch {one_batch:.2f}, {P} batches {per_ind:.2f}), ours/base {ours[-1] / base[-1]:.2f}; "
               f"export+load {100 * share[-1]:.1f}% of ours' wall time (export {t_exp:.2f}s for {P}, load "
               f"{t_load / P:.3f}s per adapter)", flush=True)
-    return dict(ours=statistics.median(ours), base=statistics.median(base), ours_export_load_share=statistics.median(share),
+    return dict(ours=statistics.median(ours), base=statistics.median(base),
+                ours_export_load_share=statistics.median(share),
                 ours_runs=ours, base_runs=base, base_one_batch_vs_per_individual=base_shapes,
                 ours_export_s=statistics.median(exp_s), ours_load_s_per_adapter=statistics.median(load_s),
                 outs=outs)
@@ -209,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench eval: P={P} adapters (rank {max_rank}), {args.task} dev samples, scoring modes "
               f"{', '.join(cases)} (" + ", ".join(f"{m}: n={len(c[2])}" for m, c in cases.items())
               + f"); tmpfs: {scratch}", flush=True)
-        figures: dict = {"P": P, "task": args.task, "rank": max_rank, "modes": {m: {"n": len(c[2])} for m, c in cases.items()}}
+        figures: dict = {"P": P, "task": args.task, "rank": max_rank,
+                         "modes": {m: {"n": len(c[2])} for m, c in cases.items()}}
         outs_a = {}
 
         # ---- (a) ours + (c) base, one engine, interleaved repeats, every mode ---------------------------------------
@@ -281,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
                             print(f"  [{m}] one at a time: adapter {i + 1}/{P} done", flush=True)
                         wall = time.perf_counter() - t0
                         f.update(one_at_a_time=P * len(reqs) / wall, one_at_a_time_export_load_share=t_load / wall)
-                        f["ours_vs_one_max_abs_logprob_diff"] = max(_maxdiff(a, b)[0] for a, b in zip(outs_a[m], outs_b))
+                        f["ours_vs_one_max_abs_logprob_diff"] = max(
+                            _maxdiff(a, b)[0] for a, b in zip(outs_a[m], outs_b))
                         f["ours_vs_one_same_prediction"] = statistics.mean(
                             _agreement(task, items, a, b) for a, b in zip(outs_a[m], outs_b))
                     if args.all_in_flight:

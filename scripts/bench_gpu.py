@@ -276,7 +276,8 @@ def run(args: argparse.Namespace) -> int:
             json.dump(figures, f, indent=2)
     if "operators" in figures:
         o = figures["operators"]
-        print(f"gpu-operators: P={o['P']} crossover_s={o['crossover_s']:.4f} crossover_of_bw={o['crossover_of_bw']:.3f} "
+        print(f"gpu-operators: P={o['P']} crossover_s={o['crossover_s']:.4f} "
+              f"crossover_of_bw={o['crossover_of_bw']:.3f} "
               f"generation_s={o['generation_s']:.4f} generation_of_bw={o['generation_of_bw']:.3f} bw_gbs={bw:.1f}")
     if "scorer" in figures:
         s = figures["scorer"]

@@ -382,7 +382,8 @@ def run(args: argparse.Namespace) -> int:
           f"Total bench time {time.perf_counter() - t_start:.0f} s; load average now {os.getloadavg()[0]:.1f}.")
     if comp is not None:
         print(f"operators-compile: cold={comp[0]:.1f} warm={comp[1]:.1f}")
-    print(f"operators-generation: P={summary[0]} ask_s={summary[1]:.3f} of_bw={summary[2]:.2f} vs_peft={summary[3]:.1f}")
+    print(f"operators-generation: P={summary[0]} ask_s={summary[1]:.3f} of_bw={summary[2]:.2f} "
+          f"vs_peft={summary[3]:.1f}")
     return 0
 
 def peft_baseline(factors_np: dict, n_children: int, density: float, K: int, seed: int,
