@@ -302,6 +302,14 @@ def effective_ranks(population: Population) -> list[int]:
     return [int(max(1, (idx * used[i]).max())) for i in range(P)]
 
 
+def _effective_rank(factors, rank: int) -> int:
+    """One individual's `effective_ranks` entry from its host factors: iterable of (A (r, d_in), B (d_out, r))."""
+    used = np.zeros((rank,), dtype=bool)
+    for a, b in factors:
+        used |= a.any(axis=1) & b.any(axis=0)
+    return int(max(1, (np.arange(1, rank + 1) * used).max()))
+
+
 def population_summary(population: Population) -> dict:
     """Plain-data summary for `genome inspect`: P, ranks, target modules, parameter count, bytes."""
     meta = population.meta
@@ -337,15 +345,17 @@ def export_adapter(population: Population, i: int, out_dir: str | os.PathLike, *
         raise UserError(f"individual index {i} out of range for a population of {P}")
     i %= P
     meta = population.meta
-    r = effective_ranks(population)[i] if trim else meta.rank
+    # Only individual i is read (one slice per tensor), and its rank is found on those host copies: the cost of an
+    # export is independent of P (it used to compute every individual's rank per child: quadratic in P).
+    host = {path: (np.asarray(leaf["A"][i]), np.asarray(leaf["B"][i])) for path, leaf in population.factors.items()}
+    r = _effective_rank(host.values(), meta.rank) if trim else meta.rank
     tensors = {}
-    for path in sorted(population.factors):
-        leaf = population.factors[path]
-        a, b = leaf["A"][i, :r], leaf["B"][i, :, :r]
+    for path in sorted(host):
+        a, b = host[path][0][:r], host[path][1][:, :r]
         if dtype is not None:
-            a, b = a.astype(dtype), b.astype(dtype)
-        tensors[f"{_PREFIX}{path}.lora_A.weight"] = np.ascontiguousarray(np.asarray(a))
-        tensors[f"{_PREFIX}{path}.lora_B.weight"] = np.ascontiguousarray(np.asarray(b))
+            a, b = a.astype(dtype), b.astype(dtype)  # numpy knows bfloat16 (ml_dtypes)
+        tensors[f"{_PREFIX}{path}.lora_A.weight"] = np.ascontiguousarray(a)
+        tensors[f"{_PREFIX}{path}.lora_B.weight"] = np.ascontiguousarray(b)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

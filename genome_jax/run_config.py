@@ -20,6 +20,7 @@ METHODS = ("genome", "genome_plus")
 BACKENDS = ("vllm", "jax")
 SCORINGS = ("generate", "choice_logprob", "loglik")
 EVAL_MODES = ("auto", "swap", "lora")  # the vLLM evaluator's routes: W+ΔW weight swap, multi-LoRA, or per platform
+EVAL_DTYPES = ("auto", "bfloat16", "float16", "float32")  # vLLM engine dtype (auto: the checkpoint's own)
 SYNTHETIC = "synthetic"  # the test problem: fitness from the weights themselves, no LLM
 
 
@@ -52,6 +53,7 @@ class RunConfig:
     scoring: str | None = None  # None: each task's default scoring mode
     backend: str = "vllm"
     eval_mode: str = "auto"  # vLLM route: swap (W+ΔW into the live engine) | lora (multi-LoRA) | auto (per platform)
+    eval_dtype: str = "auto"  # vLLM engine dtype: auto (the model's, bf16 for SmolLM2) | float32 (exactness) | ...
     endpoints: tuple[str, ...] = ()  # external OpenAI-compatible vLLM servers instead of the managed process
     ensemble_k: int = 5  # ensembles of the top-k individuals (dev ranking), k = 1..ensemble_k
     allow_overlap: bool = False  # run although an expert was trained on dev/test items of a run's task (leakage)
@@ -102,7 +104,8 @@ class RunConfig:
 # Fields that may differ when a run is resumed: what is reported after the search, not the search itself.
 # (max_iter is part of the identity: it sizes the fitness history held in the checkpointed state.)
 # Placement settings (devices, evaluator engines) move the work, not the search: a run may resume on other hardware.
-RESUME_MAY_CHANGE = ("output_dir", "test_tasks", "n_test", "ensemble_k", "endpoints", "eval_mode", "allow_overlap",
+RESUME_MAY_CHANGE = ("output_dir", "test_tasks", "n_test", "ensemble_k", "endpoints", "eval_mode", "eval_dtype",
+                     "allow_overlap",
                      "devices", "eval_devices", "ray_address", "ray_actors")
 
 # key -> kind, for type checking values from a config file (flags are typed by argparse already)
@@ -132,6 +135,7 @@ _KINDS: dict[str, str] = {
     "scoring": "str?",
     "backend": "str",
     "eval_mode": "str",
+    "eval_dtype": "str",
     "endpoints": "str_list",
     "ensemble_k": "int",
     "allow_overlap": "bool",
@@ -363,6 +367,8 @@ def validate(
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got '{cfg.backend}'")
     if cfg.eval_mode not in EVAL_MODES:
         raise UserError(f"--eval_mode must be one of {', '.join(EVAL_MODES)}, got '{cfg.eval_mode}'")
+    if cfg.eval_dtype not in EVAL_DTYPES:
+        raise UserError(f"--eval_dtype must be one of {', '.join(EVAL_DTYPES)}, got '{cfg.eval_dtype}'")
     if cfg.endpoints and cfg.backend != "vllm":
         raise UserError("--endpoints needs --backend vllm")
     for url in cfg.endpoints:

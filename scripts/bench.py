@@ -8,11 +8,12 @@ import importlib
 
 # name -> one-line help (the module is scripts.bench_<name>)
 BENCHMARKS: dict[str, str] = {
-    "operators": "a generation (select + crossover + mutate) vs the PEFT merge loop, and memory bandwidth",
+    "operators": "a generation as `genome run` runs it vs the PEFT merge loop, bandwidth, compile cold/warm",
     "eval": "vLLM scoring: weight swap vs multi-LoRA",
     "trainer": "LoRA expert training steps (optax)",
     "scorer": "the JAX scorer vs vLLM",
     "scale": "operators vs device count (sharded population) and scoring vs number of vLLM engines",
+    "gpu": "the GPU path: TIES (Pallas) + a generation at Llama-3-8B LoRA shapes, the JAX population scorer at 1B",
 }
 
 

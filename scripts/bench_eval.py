@@ -1,16 +1,20 @@
-"""`genome bench eval`: population scoring throughput, three ways, in one run on the same requests.
+"""`genome bench eval`: population scoring throughput, three ways, in one run on the same requests, per scoring mode.
 
   (a) ours: the fastest path for the platform (CPU: W+ΔW swapped into a live engine per individual, one batch per
       individual; GPU: multi-LoRA, all individuals in flight), adapters exported to tmpfs first;
   (b) the original GENOME protocol: one adapter at a time through vLLM's LoRA path (save the PEFT folder, load it into
       the engine, score, unload; no fixed sleeps), in the model's own dtype;
   (c) the base model alone on the same P x N requests: the ceiling (the faster of one batch of P x N and P batches
-      of N, the shape (a) runs), on (a)'s engine and, when (a) runs float32 for the swap, also on a plain engine
-      in the checkpoint's own dtype (bf16 for SmolLM2); the faster of the two is the ceiling.
-Prefix caching is off for all three (the same prompts repeat across individuals and would be served from cache).
+      of N, the shape (a) runs), on (a)'s engine (the model's own dtype, bf16 for SmolLM2, unless --dtype) and,
+      when (a) runs another dtype, also on a plain engine in the checkpoint's dtype; the faster is the ceiling.
+Exactness check: a weight-swap engine in the other dtype (float32 when (a) runs bf16, the model's bf16 when (a) runs
+float32, i.e. on a CPU without native bf16) scores the same individuals once, and the share of samples where its
+prediction equals (a)'s is reported (bf16 rounding of W + ΔW vs float32).
+Prefix caching is off everywhere (the same prompts repeat across individuals and would be served from cache).
 (a) and (c) run on one engine, interleaved, `--repeats` times (medians); (b) on a LoRA engine afterwards, once.
-Only one engine is alive at a time. Ends with one machine-readable line:
-    score-throughput: ours=<samples/s> base=<samples/s> one_at_a_time=<samples/s>
+Every engine serves every `--scoring` mode in turn; only one engine is alive at a time. Ends with one
+machine-readable line per scoring mode:
+    score-throughput: mode=<mode> ours=<samples/s> base=<samples/s> ratio=<ours/base> one_at_a_time=<samples/s>
 """
 from __future__ import annotations
 
@@ -19,9 +23,10 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
+
+SCORING_MODES = ("choice_logprob",)  # the default --scoring: every mode that scores multiple choice
 
 DIMS = {  # Llama-family module -> (d_out, d_in) from the HF config
     "q_proj": lambda c: (c["num_attention_heads"] * _hd(c), c["hidden_size"]),
@@ -46,11 +51,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=16, help="rank of the random adapters")
     parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="target modules of random adapters")
     parser.add_argument("--task", default="mmlu", help="task whose dev items make the requests (default mmlu)")
-    parser.add_argument("--scoring", default="choice_logprob", choices=("choice_logprob", "generate"))
+    parser.add_argument("--scoring", nargs="+", default=list(SCORING_MODES), metavar="MODE",
+                        help="scoring modes measured, one score-throughput line each "
+                             f"(default: {' '.join(SCORING_MODES)})")
     parser.add_argument("--n", type=int, default=32, help="samples per adapter (default 32)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of (a) and (c) (medians reported)")
     parser.add_argument("--eval_mode", default="auto", choices=("auto", "swap", "lora"), help="path used for (a)")
-    parser.add_argument("--dtype", default=None, help="engine dtype for (a)/(c) (default: float32 for swap)")
+    parser.add_argument("--dtype", default=None,
+                        help="engine dtype for (a)/(c) (default auto: the model's bf16, float32 on CPUs without bf16)")
+    parser.add_argument("--skip_other_dtype", action="store_true",
+                        help="skip the engine in the other dtype (bf16 <-> float32): its base ceiling and the "
+                             "prediction agreement of its weight swap with (a)")
+    parser.add_argument("--other_repeats", type=int, default=1, help="repeats of the base model in the other dtype")
     parser.add_argument("--lora_dtype", default="auto", help="engine dtype for (b) (default: the model's)")
     parser.add_argument("--skip_one_at_a_time", action="store_true", help="skip (b) (it is slow on CPU)")
     parser.add_argument("--all_in_flight", action="store_true",
@@ -120,11 +132,55 @@ def _base_rates(eng, reqs: list, P: int) -> tuple[float, float]:
     return one_batch, total / (time.perf_counter() - t0)
 
 
+def _agreement(task, items, a: list, b: list) -> float:
+    """Share of samples on which two response lists give the same prediction (the task's own reading)."""
+    pa = task.score(items, a, task.mode).predictions
+    pb = task.score(items, b, task.mode).predictions
+    return sum(x == y for x, y in zip(pa, pb)) / max(len(pa), 1)
+
+
+def _ours_and_base(eng, reqs: list, sources: list[str], scratch: str, repeats: int, label: str) -> dict:
+    """(a) and (c) on one engine, interleaved `repeats` times; figures + (a)'s last answers."""
+    from evaluators.backends.peft_folder import content_hash
+
+    P, n = len(sources), len(reqs)
+    total = P * n
+    eng.answer([(None, None, reqs[: min(4, n)])])  # warm-up
+    ours, base, share, exp_s, load_s, base_shapes = [], [], [], [], [], []
+    outs = None
+    for rep in range(repeats):
+        one_batch, per_ind = _base_rates(eng, reqs, P)
+        base.append(max(one_batch, per_ind))
+        base_shapes.append((one_batch, per_ind))
+        gen_dir = tempfile.mkdtemp(prefix=f"gen{rep}-", dir=scratch)
+        t0 = time.perf_counter()
+        dirs = _export(sources, gen_dir)
+        keys = [content_hash(d) for d in dirs]
+        t_exp = time.perf_counter() - t0
+        res, timing = eng.answer(list(zip(dirs, keys, [reqs] * P)))
+        wall = time.perf_counter() - t0
+        shutil.rmtree(gen_dir, ignore_errors=True)
+        ours.append(total / wall)
+        t_load = timing.get("swap_s", 0.0) + timing.get("lora_load_s", 0.0)
+        share.append((t_exp + t_load) / wall)
+        exp_s.append(t_exp)
+        load_s.append(t_load / P)
+        outs = res
+        print(f"  [{label}] repeat {rep + 1}/{repeats}: ours {ours[-1]:.2f} samples/s, base {base[-1]:.2f} samples/s "
+              f"(one batch {one_batch:.2f}, {P} batches {per_ind:.2f}), ours/base {ours[-1] / base[-1]:.2f}; "
+              f"export+load {100 * share[-1]:.1f}% of ours' wall time (export {t_exp:.2f}s for {P}, load "
+              f"{t_load / P:.3f}s per adapter)", flush=True)
+    return dict(ours=statistics.median(ours), base=statistics.median(base),
+                ours_export_load_share=statistics.median(share),
+                ours_runs=ours, base_runs=base, base_one_batch_vs_per_individual=base_shapes,
+                ours_export_s=statistics.median(exp_s), ours_load_s_per_adapter=statistics.median(load_s),
+                outs=outs)
+
+
 def run(args: argparse.Namespace) -> int:
     from evaluators.backends.base import scratch_dir
     from evaluators.backends.managed import ManagedBackend
     from evaluators.backends.peft_folder import adapter_info, content_hash
-    from evaluators.errors import UserError
     from evaluators.tasks import get_task
 
     if args.model_path is None:
@@ -134,10 +190,11 @@ def run(args: argparse.Namespace) -> int:
     model = os.path.expanduser(args.model_path)
     with open(os.path.join(model, "config.json")) as f:
         mcfg = json.load(f)
-    task = get_task(args.task, formatter=model, mode=args.scoring)
-    items = task.load("dev", args.n)
-    reqs = task.build_requests(items, task.mode)
-    n = len(reqs)
+    cases = {}  # scoring mode -> (task, items, requests)
+    for mode in dict.fromkeys(args.scoring):
+        task = get_task(args.task, formatter=model, mode=mode)
+        items = task.load("dev", args.n)
+        cases[task.mode] = (task, items, task.build_requests(items, task.mode))
 
     scratch = scratch_dir("genome-bench-")
     src = os.path.join(scratch, "src")
@@ -151,124 +208,127 @@ def run(args: argparse.Namespace) -> int:
         max_rank = max(adapter_info(a).rank for a in sources)
         max_lora_rank = next(r for r in (8, 16, 32, 64, 128, 256, 512) if r >= max_rank)
         P = len(sources)
-        total = P * n
-        print(f"bench eval: P={P} adapters (rank {max_rank}), n={n} {task.name} dev samples each "
-              f"({task.mode}); {total} samples per protocol; tmpfs: {scratch}", flush=True)
-        figures: dict = {"P": P, "n": n, "task": task.name, "mode": task.mode, "rank": max_rank}
+        print(f"bench eval: P={P} adapters (rank {max_rank}), {args.task} dev samples, scoring modes "
+              f"{', '.join(cases)} (" + ", ".join(f"{m}: n={len(c[2])}" for m, c in cases.items())
+              + f"); tmpfs: {scratch}", flush=True)
+        figures: dict = {"P": P, "task": args.task, "rank": max_rank,
+                         "modes": {m: {"n": len(c[2])} for m, c in cases.items()}}
+        outs_a = {}
 
-        # ---- (a) ours + (c) base, one engine, interleaved repeats -------------------------------------------------
+        # ---- (a) ours + (c) base, one engine, interleaved repeats, every mode ---------------------------------------
         eng = ManagedBackend(model, mode=args.eval_mode, dtype=args.dtype, max_lora_rank=max_lora_rank,
                              max_loras=min(P, 8), prefix_caching=False)
         try:
             t0 = time.perf_counter()
             info = eng.start()
-            figures["startup_s"] = time.perf_counter() - t0
-            eng.answer([(None, None, reqs[: min(4, n)])])  # warm-up
-            ours, base, share, exp_s, load_s, base_shapes = [], [], [], [], [], []
-            outs_a = None
-            for rep in range(args.repeats):
-                one_batch, per_ind = _base_rates(eng, reqs, P)
-                base.append(max(one_batch, per_ind))
-                base_shapes.append((one_batch, per_ind))
-                gen_dir = tempfile.mkdtemp(prefix=f"gen{rep}-", dir=scratch)
-                t0 = time.perf_counter()
-                dirs = _export(sources, gen_dir)
-                keys = [content_hash(d) for d in dirs]
-                t_exp = time.perf_counter() - t0
-                res, timing = eng.answer(list(zip(dirs, keys, [reqs] * P)))
-                wall = time.perf_counter() - t0
-                shutil.rmtree(gen_dir, ignore_errors=True)
-                ours.append(total / wall)
-                t_load = timing.get("swap_s", 0.0) + timing.get("lora_load_s", 0.0)
-                share.append((t_exp + t_load) / wall)
-                exp_s.append(t_exp)
-                load_s.append(t_load / P)
-                outs_a = res
-                print(f"  repeat {rep + 1}/{args.repeats}: ours {ours[-1]:.2f} samples/s, base {base[-1]:.2f} "
-                      f"samples/s (one batch {one_batch:.2f}, {P} batches {per_ind:.2f}), export+load {100 * share[-1]:.1f}% of ours' wall time (export {t_exp:.2f}s "
-                      f"for {P}, load {t_load / P:.3f}s per adapter)", flush=True)
+            figures.update(startup_s=time.perf_counter() - t0, ours_mode=info["mode"], ours_dtype=info["dtype"])
+            for m, (_, _, reqs) in cases.items():
+                got = _ours_and_base(eng, reqs, sources, scratch, args.repeats, f"{m}, {info['mode']}, {info['dtype']}")
+                outs_a[m] = got.pop("outs")
+                figures["modes"][m].update(got)
         finally:
             eng.close()
-        figures.update(ours_mode=info["mode"], ours_dtype=info["dtype"], ours=statistics.median(ours),
-                       base=statistics.median(base), ours_export_load_share=statistics.median(share),
-                       ours_runs=ours, base_runs=base, base_one_batch_vs_per_individual=base_shapes,
-                       ours_export_s=statistics.median(exp_s),
-                       ours_load_s_per_adapter=statistics.median(load_s))
 
-        # ---- (c') the base model in the checkpoint's own dtype on a plain engine, if (a) runs another dtype ---------
+        # ---- the other dtype, one engine: (c') the base model in the checkpoint's own dtype when (a) runs another
+        # (float32 on a CPU without native bf16), and the same individuals through a weight swap in that dtype once:
+        # the share of samples where its prediction equals (a)'s (bf16 rounding of W + ΔW vs float32) --------------
         native = str(mcfg.get("dtype") or mcfg.get("torch_dtype") or "")
-        if native and native != figures["ours_dtype"]:
-            eng = ManagedBackend(model, mode="swap", dtype=native, prefix_caching=False)
+        other = native if native and native != figures["ours_dtype"] else "float32"
+        if other != figures["ours_dtype"] and not args.skip_other_dtype:
+            eng = ManagedBackend(model, mode="swap", dtype=other, prefix_caching=False)
             try:
                 eng.start()
-                eng.answer([(None, None, reqs[: min(4, n)])])  # warm-up
-                runs = []
-                for rep in range(args.repeats):
-                    runs.append(max(_base_rates(eng, reqs, P)))
-                    print(f"  base in {native}: repeat {rep + 1}/{args.repeats}: {runs[-1]:.2f} samples/s", flush=True)
+                for m, (task, items, reqs) in cases.items():
+                    f = figures["modes"][m]
+                    eng.answer([(None, None, reqs[: min(4, len(reqs))])])  # warm-up
+                    if other == native:
+                        runs = [max(_base_rates(eng, reqs, P)) for _ in range(args.other_repeats)]
+                        f.update(base_native_dtype=native, base_native=statistics.median(runs), base_native_runs=runs,
+                                 base_ours_dtype=f["base"])
+                        f["base"] = max(f["base"], f["base_native"])  # the ceiling is the faster one
+                        print(f"  [{m}] base in {native}: {f['base_native']:.2f} samples/s", flush=True)
+                    dirs = _export(sources, tempfile.mkdtemp(prefix="other-", dir=scratch))
+                    t0 = time.perf_counter()
+                    res, _ = eng.answer([(d, content_hash(d), reqs) for d in dirs])
+                    f.update(other_dtype=other, other_swap=P * len(reqs) / (time.perf_counter() - t0))
+                    f["other_swap_same_prediction"] = statistics.mean(
+                        _agreement(task, items, a, b) for a, b in zip(outs_a[m], res))
+                    f["other_swap_max_abs_logprob_diff"] = max(_maxdiff(a, b)[0] for a, b in zip(outs_a[m], res))
+                    print(f"  [{m}] {other} swap: {f['other_swap']:.2f} samples/s; same prediction as "
+                          f"{figures['ours_dtype']} on {100 * f['other_swap_same_prediction']:.1f}% of "
+                          f"{P * len(reqs)} samples", flush=True)
             finally:
                 eng.close()
-            figures.update(base_native_dtype=native, base_native=statistics.median(runs), base_native_runs=runs,
-                           base_ours_dtype=figures["base"])
-            figures["base"] = max(figures["base"], figures["base_native"])  # the ceiling is the faster one
 
         # ---- (b) one adapter at a time through the LoRA path --------------------------------------------------------
-        one = float("nan")
         if not args.skip_one_at_a_time or args.all_in_flight:
             eng = ManagedBackend(model, mode="lora", dtype=None if args.lora_dtype == "auto" else args.lora_dtype,
                                  max_lora_rank=max_lora_rank, max_loras=min(P, 8), prefix_caching=False)
             try:
                 info_b = eng.start()
-                eng.answer([(None, None, reqs[: min(4, n)])], mode="lora")  # warm-up
                 figures["one_at_a_time_dtype"] = info_b["dtype"]
-                if not args.skip_one_at_a_time:
-                    t_load, outs_b = 0.0, []
-                    t0 = time.perf_counter()
-                    for i, s in enumerate(sources):
-                        t1 = time.perf_counter()
-                        d = _export([s], tempfile.mkdtemp(prefix=f"one{i}-", dir=scratch))[0]  # save
-                        t_load += time.perf_counter() - t1
-                        res, timing = eng.answer([(d, None, reqs)], mode="lora")  # load, score, unload
-                        t_load += timing.get("lora_load_s", 0.0)
-                        outs_b.append(res[0])
-                        shutil.rmtree(os.path.dirname(d), ignore_errors=True)
-                        print(f"  one at a time: adapter {i + 1}/{P} done", flush=True)
-                    wall = time.perf_counter() - t0
-                    one = total / wall
-                    figures.update(one_at_a_time=one, one_at_a_time_export_load_share=t_load / wall)
-                    diffs = [_maxdiff(a, b) for a, b in zip(outs_a, outs_b)]
-                    figures["ours_vs_one_max_abs_logprob_diff"] = max(d[0] for d in diffs)
-                    figures["ours_vs_one_same_prediction"] = statistics.mean(d[1] for d in diffs)
-                if args.all_in_flight:
-                    dirs = _export(sources, tempfile.mkdtemp(prefix="flight-", dir=scratch))
-                    t0 = time.perf_counter()
-                    eng.answer([(d, None, reqs) for d in dirs], mode="lora")
-                    figures["all_in_flight"] = total / (time.perf_counter() - t0)
+                for m, (task, items, reqs) in cases.items():
+                    f = figures["modes"][m]
+                    eng.answer([(None, None, reqs[: min(4, len(reqs))])], mode="lora")  # warm-up
+                    if not args.skip_one_at_a_time:
+                        t_load, outs_b = 0.0, []
+                        t0 = time.perf_counter()
+                        for i, s in enumerate(sources):
+                            t1 = time.perf_counter()
+                            d = _export([s], tempfile.mkdtemp(prefix=f"one{i}-", dir=scratch))[0]  # save
+                            t_load += time.perf_counter() - t1
+                            res, timing = eng.answer([(d, None, reqs)], mode="lora")  # load, score, unload
+                            t_load += timing.get("lora_load_s", 0.0)
+                            outs_b.append(res[0])
+                            shutil.rmtree(os.path.dirname(d), ignore_errors=True)
+                            print(f"  [{m}] one at a time: adapter {i + 1}/{P} done", flush=True)
+                        wall = time.perf_counter() - t0
+                        f.update(one_at_a_time=P * len(reqs) / wall, one_at_a_time_export_load_share=t_load / wall)
+                        f["ours_vs_one_max_abs_logprob_diff"] = max(
+                            _maxdiff(a, b)[0] for a, b in zip(outs_a[m], outs_b))
+                        f["ours_vs_one_same_prediction"] = statistics.mean(
+                            _agreement(task, items, a, b) for a, b in zip(outs_a[m], outs_b))
+                    if args.all_in_flight:
+                        dirs = _export(sources, tempfile.mkdtemp(prefix="flight-", dir=scratch))
+                        t0 = time.perf_counter()
+                        eng.answer([(d, None, reqs) for d in dirs], mode="lora")
+                        f["all_in_flight"] = P * len(reqs) / (time.perf_counter() - t0)
             finally:
                 eng.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    f = figures
-    print(f"(a) ours [{f['ours_mode']}, {f['ours_dtype']}]: {f['ours']:.2f} samples/s "
-          f"(export+load {100 * f['ours_export_load_share']:.1f}% of wall time; export {f['ours_export_s']:.2f}s "
-          f"for {P} adapters, load {f['ours_load_s_per_adapter']:.3f}s per adapter)")
-    if "one_at_a_time" in f:
-        print(f"(b) one at a time [lora, {f['one_at_a_time_dtype']}]: {f['one_at_a_time']:.2f} samples/s "
-              f"(save+load {100 * f['one_at_a_time_export_load_share']:.1f}% of wall time)")
-        print(f"    ours vs one-at-a-time: max |Δ logprob| {f['ours_vs_one_max_abs_logprob_diff']:.2e}, "
-              f"same prediction on {100 * f['ours_vs_one_same_prediction']:.1f}% of samples")
-    if "all_in_flight" in f:
-        print(f"    all {P} in flight [lora]: {f['all_in_flight']:.2f} samples/s")
-    if "base_native" in f:
-        print(f"(c) base model: {f['base_ours_dtype']:.2f} samples/s in {f['ours_dtype']}, {f['base_native']:.2f} "
-              f"samples/s in {f['base_native_dtype']}; ceiling = {f['base']:.2f} (engine start {f['startup_s']:.0f}s)")
-    else:
-        print(f"(c) base model [{f['ours_dtype']}]: {f['base']:.2f} samples/s (engine start {f['startup_s']:.0f}s)")
-    print(f"ratios: ours/base = {f['ours'] / f['base']:.2f}"
-          + (f", ours/one_at_a_time = {f['ours'] / one:.1f}x" if one == one else ""))
+    lines = []
+    for m, f in figures["modes"].items():
+        one = f.get("one_at_a_time", float("nan"))
+        print(f"[{m}] (a) ours [{figures['ours_mode']}, {figures['ours_dtype']}]: {f['ours']:.2f} samples/s "
+              f"(export+load {100 * f['ours_export_load_share']:.1f}% of wall time; export {f['ours_export_s']:.2f}s "
+              f"for {P} adapters, load {f['ours_load_s_per_adapter']:.3f}s per adapter)")
+        if "other_swap" in f:
+            print(f"[{m}]     {f['other_dtype']} swap: {f['other_swap']:.2f} samples/s; {figures['ours_dtype']} vs "
+                  f"{f['other_dtype']}: same prediction on {100 * f['other_swap_same_prediction']:.1f}% of samples, "
+                  f"max |Δ logprob| {f['other_swap_max_abs_logprob_diff']:.3f}")
+        if "one_at_a_time" in f:
+            print(f"[{m}] (b) one at a time [lora, {figures['one_at_a_time_dtype']}]: {one:.2f} samples/s "
+                  f"(save+load {100 * f['one_at_a_time_export_load_share']:.1f}% of wall time); vs ours: max |Δ "
+                  f"logprob| {f['ours_vs_one_max_abs_logprob_diff']:.2e}, same prediction on "
+                  f"{100 * f['ours_vs_one_same_prediction']:.1f}% of samples")
+        if "all_in_flight" in f:
+            print(f"[{m}]     all {P} in flight [lora]: {f['all_in_flight']:.2f} samples/s")
+        if "base_native" in f:
+            print(f"[{m}] (c) base model: {f['base_ours_dtype']:.2f} samples/s in {figures['ours_dtype']}, "
+                  f"{f['base_native']:.2f} samples/s in {f['base_native_dtype']}; ceiling = {f['base']:.2f}")
+        else:
+            print(f"[{m}] (c) base model [{figures['ours_dtype']}]: {f['base']:.2f} samples/s")
+        f["ratio"] = f["ours"] / f["base"]
+        print(f"[{m}] ratios: ours/base = {f['ratio']:.2f}" + (f", ours/one_at_a_time = {f['ours'] / one:.1f}x"
+                                                               if one == one else ""))
+        lines.append(f"score-throughput: mode={m} ours={f['ours']:.3f} base={f['base']:.3f} ratio={f['ratio']:.3f} "
+                     f"one_at_a_time={one:.3f}")
+    print(f"(engine start {figures['startup_s']:.0f}s)")
     if args.json_out:
         with open(args.json_out, "w") as fh:
-            json.dump(f, fh, indent=2)
-    print(f"score-throughput: ours={f['ours']:.3f} base={f['base']:.3f} one_at_a_time={one:.3f}")
+            json.dump(figures, fh, indent=2)
+    for line in lines:
+        print(line)
     return 0

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "lora = multi-LoRA, all in flight (GPU default)")
     parser.add_argument("--max_lora_rank", type=int, default=16, help="adapters above this rank are refused")
     parser.add_argument("--max_loras", type=int, default=8, help="LoRA slots of the engine (lora mode)")
-    parser.add_argument("--dtype", default=None, help="engine dtype (default: float32 for swap, the model's for lora)")
+    parser.add_argument("--dtype", default=None, help="engine dtype (default: the model's, bf16 for SmolLM2; float32 for exactness checks)")
     parser.add_argument("--cache_dir", default=None, help="persist the result cache here (default: memory only)")
     parser.add_argument("--details", action="store_true", help="include per-sample predictions in the JSON")
     parser.add_argument("--eval_devices", default=None, metavar="0,1,2,3",

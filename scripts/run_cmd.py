@@ -52,6 +52,8 @@ _FLAGS: list[tuple[str, Callable | None, str | None, str]] = [
     ("scoring", str, None, "generate | choice_logprob | loglik (default: each task's own)"),
     ("backend", str, None, "vllm | jax (default vllm)"),
     ("eval_mode", str, None, "vLLM route: swap (W+ΔW into the live engine) | lora (multi-LoRA) | auto (default: per platform)"),
+    ("eval_dtype", str, None, "vLLM engine dtype: auto (default: the model's, bf16 for SmolLM2; the swap sums W+ΔW "
+                              "in float32, then casts) | float32 (exact ΔW, half the speed on CPU) | bfloat16 | float16"),
     ("endpoints", str, "+", "external OpenAI-compatible vLLM servers (http://host:port ...)"),
     ("ensemble_k", int, None, "report ensembles of the top k = 1..K individuals (default 5)"),
     # placement: where the work runs, not what it computes (a resumed run may change these)

@@ -329,6 +329,8 @@ def evaluator_kwargs(cfg: RunConfig, rank: int) -> dict[str, Any]:
     allowed = (8, 16, 32, 64, 128, 256, 512)
     kw: dict[str, Any] = {"endpoints": list(cfg.endpoints) or None, "eval_mode": cfg.eval_mode,
                           "max_lora_rank": next((a for a in allowed if a >= max(rank, 16)), rank)}
+    if not cfg.endpoints and cfg.eval_dtype != "auto":  # endpoints run in the servers' own dtype
+        kw["dtype"] = cfg.eval_dtype
     if cfg.ray_address is not None:  # Ray replaces a lost actor itself and rescores its individual
         kw.update(ray_address=cfg.ray_address, ray_actors=cfg.ray_actors)
     else:
@@ -676,20 +678,10 @@ def _check_experts_fit_model(experts, lora_dir, model_path: str) -> None:
 
 def _enable_compilation_cache() -> None:
     """Persist XLA compilations (ask/tell/score) across runs: a resumed or repeated run skips recompiling.
-    Honours a user's own JAX_COMPILATION_CACHE_DIR; GENOME_JAX_COMPILE_CACHE=0 turns it off."""
-    import jax
+    See genome_jax.compile_cache (GENOME_JAX_COMPILE_CACHE=DIR moves it, =0 turns it off)."""
+    from genome_jax.compile_cache import enable_compilation_cache
 
-    if os.environ.get("GENOME_JAX_COMPILE_CACHE") == "0" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    from genome_jax.model_store import cache_root
-
-    try:
-        path = cache_root() / "jax-compile-cache"
-        path.mkdir(parents=True, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", str(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    except OSError:  # a read-only home: just compile again
-        pass
+    enable_compilation_cache()
 
 
 def _default_model_path() -> str:

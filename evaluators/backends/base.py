@@ -101,6 +101,18 @@ class Evaluator:
             keys.append(content_hash(a))
         return keys
 
+    def numerics(self, mode: str | None = None) -> str:
+        """"route:dtype" of the engine that answers a call with this `mode` (part of the result-cache key), e.g.
+        "swap:bfloat16" or "lora:float32"; read from the started engine (started here if needed: "auto" is
+        resolved by the engine's platform). External endpoints: "endpoints:server" (their dtype is theirs)."""
+        b = self.backend
+        if getattr(b, "kind", None) == "endpoints" or not hasattr(b, "start"):
+            return f"{getattr(b, 'kind', type(b).__name__)}:server"
+        info = getattr(b, "info", None) or b.start()
+        if isinstance(info, list):  # pools and Ray: every engine is started with the same config
+            info = info[0] if info else {}
+        return f"{mode or info.get('mode', 'auto')}:{info.get('dtype', '?')}"
+
     def evaluate(self, adapters: Sequence[str | None], tasks: Sequence, split: str, n: int | None = None, *,
                  mode: str | None = None, timeout_s: float | None = None) -> list[IndividualResult]:
         """Score each adapter (None = base model) on each task's first n items of `split`."""
@@ -117,11 +129,12 @@ class Evaluator:
             prepared.append((t, items, reqs, requests_digest(reqs)))
 
         # what is cached, what must be scored (each distinct individual once)
+        num = self.numerics(mode)
         responses: dict[tuple[str, str], list] = {}
         todo: dict[str, tuple[str | None, list[int]]] = {}  # key -> (adapter, indices of prepared tasks)
         for a, k in zip(adapters, keys):
             for ti, (t, _, reqs, dig) in enumerate(prepared):
-                ck = cache_key(self.model, k, t.name, split, n, t.mode, dig)
+                ck = cache_key(self.model, k, t.name, split, n, t.mode, dig, num)
                 hit = self.cache.get(ck)
                 if hit is not None:
                     responses[(k, t.name)] = hit
@@ -157,7 +170,7 @@ class Evaluator:
                     t, _, _, dig = prepared[ti]
                     rs = res[start:start + cnt]
                     responses[(k, t.name)] = rs
-                    self.cache.put(cache_key(self.model, k, t.name, split, n, t.mode, dig), rs)
+                    self.cache.put(cache_key(self.model, k, t.name, split, n, t.mode, dig, num), rs)
                     fresh.add(k)
             self.last_timing = dict(timing, jobs=len(jobs))
         else:

@@ -1,7 +1,9 @@
 """Result cache: an individual whose adapter bytes did not change (an elite) is never scored again.
 
-Key = sha256 over (model, adapter content hash, task name, split, n, scoring mode, and the requests themselves), so a
-changed prompt template or data file cannot serve a stale answer. The value is the list of backend responses; the
+Key = sha256 over (model, adapter content hash, task name, split, n, scoring mode, the requests themselves, and the
+numerics of the engine that answers: route and dtype, e.g. "swap:bfloat16"), so a changed prompt template or data
+file cannot serve a stale answer, and a run resumed with another --eval_mode / --eval_dtype never mixes fitness
+computed with different numerics. The value is the list of backend responses; the
 task re-scores them (cheap, and it keeps the cache independent of TaskResult's fields). Memory always; a folder too
 when `directory` is given (one JSON file per key, written to a temp name and renamed).
 """
@@ -24,8 +26,9 @@ def requests_digest(requests: list[Request]) -> str:
 
 
 def cache_key(model: str, adapter_key: str, task: str, split: str, n: int | None, mode: str,
-              requests_sha: str) -> str:
-    blob = json.dumps([model, adapter_key, task, split, n, mode, requests_sha])
+              requests_sha: str, numerics: str) -> str:
+    """numerics: "route:dtype" of the answering engine (`Evaluator.numerics`)."""
+    blob = json.dumps([model, adapter_key, task, split, n, mode, requests_sha, numerics])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

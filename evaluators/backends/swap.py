@@ -56,11 +56,13 @@ class BaseWeights:
 
 
 def plan_push(
-    deltas: dict[str, torch.Tensor], dirty: set[str], base: BaseWeights
+    deltas: dict[str, torch.Tensor], dirty: set[str], base: BaseWeights, out_dtype: torch.dtype | None = None
 ) -> tuple[list[tuple[str, torch.Tensor]], set[str]]:
     """Weights to push so that the engine holds W + ΔW for this individual and base W everywhere else.
 
     deltas: {hf_weight_name: ΔW (d_out, d_in)}; dirty: names currently holding a non-base value in the engine.
+    W + ΔW is summed in the base's dtype (float32) and rounded once to `out_dtype` (the engine's; None: as summed),
+    so a bf16 engine gets round(W + ΔW), never round(W) + round(ΔW).
     Returns (name, tensor) pairs covering every touched fused group, and the new dirty set (= deltas' names).
     """
     for name, d in deltas.items():
@@ -74,5 +76,6 @@ def plan_push(
     push = []
     for n in sorted(names):
         w = base[n]
-        push.append((n, w + deltas[n].to(w.dtype) if n in deltas else w))
+        t = w + deltas[n].to(w.dtype) if n in deltas else w
+        push.append((n, t if out_dtype is None else t.to(out_dtype)))
     return push, set(deltas)

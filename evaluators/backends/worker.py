@@ -2,7 +2,8 @@
 
 Owns one offline `vllm.LLM` and answers protocol requests for lists of individuals (PEFT folders or None = base).
 Two scoring paths:
-- swap (CPU default): per individual, build W + ΔW for the LoRA-targeted weights (float32) and push them into the
+- swap (CPU default): per individual, build W + ΔW for the LoRA-targeted weights (in float32, then cast once to
+  the engine's dtype: the model's own, bf16 for SmolLM2, unless cfg "dtype" says float32) and push them into the
   live engine with the worker's `reload_weights`; then all of that individual's requests run as one batch at base
   speed. vLLM's CPU LoRA kernels cost ~10x the base model, a 30-layer swap costs tens of milliseconds.
 - lora (CUDA default): every individual a `LoRARequest`, all requests of all individuals in flight together.
@@ -81,6 +82,14 @@ def choice_nodes(options, oids: list[list[int]]) -> dict[tuple[int, ...], list[i
     return {p: sorted(n) for p, n in nodes.items()}
 
 
+def cpu_has_bf16() -> bool:
+    """Does this CPU run bf16 matrix products natively (AVX512-BF16 or AMX tiles)? (torch's own probes)"""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
+
+
 class Engine:
     """One vLLM engine and the bookkeeping of which individual's weights it currently holds."""
 
@@ -93,10 +102,13 @@ class Engine:
         mode = cfg.get("mode", "auto")
         self.default_mode = mode if mode != "auto" else ("swap" if self.platform == "cpu" else "lora")
         self.lora_enabled = self.default_mode == "lora" or bool(cfg.get("enable_lora"))
+        # "auto" = the checkpoint's dtype (bf16 for SmolLM2) on both routes: the swap forms W + ΔW in float32 and
+        # rounds once to the engine's dtype, so it scores at the speed of the engine the user runs. A ΔW entry
+        # below |W| * 2^-9 rounds away in bf16; `float32` (--eval_dtype) keeps ΔW to ~1e-7 for exactness tests.
+        # Exception: a CPU without native bf16 (no AVX512-BF16 / AMX) emulates bf16 GEMMs, measured 3x slower than
+        # float32 on such a Xeon; there the swap runs float32, which is then both the faster and the exact choice.
         dtype = cfg.get("dtype") or "auto"
-        if dtype == "auto" and self.default_mode == "swap":
-            # bf16 cannot hold W + ΔW: a change below |W| * 2^-9 rounds away (8-bit mantissa), and a mutated
-            # child's ΔW is mostly that small. float32 keeps ΔW to ~1e-7 relative.
+        if dtype == "auto" and self.default_mode == "swap" and self.platform == "cpu" and not cpu_has_bf16():
             dtype = "float32"
         kwargs = dict(
             model=cfg["model"],
@@ -168,7 +180,8 @@ class Engine:
             self._base = BaseWeights(self.cfg["model"])
         deltas = delta_weights(adapter) if adapter is not None else {}
         try:
-            push, dirty = plan_push(deltas, self._dirty, self._base)
+            push, dirty = plan_push(deltas, self._dirty, self._base,
+                                    out_dtype=self.llm.llm_engine.model_config.dtype)
         except (KeyError, ValueError) as e:
             raise UserError(f"{adapter}: {e} (adapter for a different base model?)") from None
         if push:

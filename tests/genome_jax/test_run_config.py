@@ -52,6 +52,9 @@ def test_saved_config_roundtrip_and_identity(tmp_path):
     # what is only reported after the search may change on resume
     later = load_run_config({"tasks": ["synthetic"], "population_size": 4, "max_iter": 3, "ensemble_k": 2})
     assert describe_mismatch(cfg, later) == ""
+    # so may the evaluator's numerics: the result cache keys them apart (evaluators/backends/cache.py)
+    exact = load_run_config({"tasks": ["synthetic"], "population_size": 4, "max_iter": 3, "eval_dtype": "float32"})
+    assert describe_mismatch(cfg, exact) == "" and exact.eval_dtype == "float32" and cfg.eval_dtype == "auto"
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -67,6 +70,7 @@ def test_saved_config_roundtrip_and_identity(tmp_path):
     ({"tasks": ["synthetic"], "n_dev": 0}, "--n_dev must be at least 1"),
     ({"tasks": ["synthetic"], "backend": "tpu"}, "--backend must be one of vllm, jax"),
     ({"tasks": ["synthetic"], "scoring": "vibes"}, "--scoring must be one of"),
+    ({"tasks": ["synthetic"], "eval_dtype": "int8"}, "--eval_dtype must be one of auto, bfloat16, float16, float32"),
     ({"tasks": ["synthetic"], "max_population_size": 20}, "only applies to --method genome_plus"),
     ({"tasks": ["mmlu"]}, "--lora_dir is required"),
     ({"tasks": ["mmlu"], "lora_dir": "/nonexistent/dir"}, "--lora_dir /nonexistent/dir: no such folder"),

@@ -113,6 +113,9 @@ def test_placement_values_reach_make_evaluator(tmp_path):
     assert run_loop.evaluator_kwargs(cfg, rank=8) == {"endpoints": None, "eval_mode": "auto", "max_lora_rank": 16,
                                                        "retries": run_loop.EVAL_RETRIES}
     assert (cfg.devices, cfg.eval_devices, cfg.ray_address, cfg.ray_actors) == (0, None, None, None)
+    # --eval_dtype float32 reaches the engine (ManagedBackend / DevicePoolBackend / RayBackend take `dtype`)
+    cfg, _ = run_loop.prepare({"tasks": ["synthetic"], "eval_dtype": "float32", "output_dir": str(tmp_path / "d")})
+    assert run_loop.evaluator_kwargs(cfg, rank=8)["dtype"] == "float32"
 
 
 def test_config_file_spellings(tmp_path):

@@ -43,8 +43,8 @@ def managed_worker(model_path, tmp_path_factory):
     from evaluators.backends.managed import ManagedBackend
 
     log = tmp_path_factory.mktemp("worker_log") / "worker.log"
-    backend = ManagedBackend(str(model_path), mode="swap", enable_lora=True, max_lora_rank=16, max_loras=2,
-                             max_model_len=2048, log_path=str(log))
+    backend = ManagedBackend(str(model_path), mode="swap", dtype="float32", enable_lora=True, max_lora_rank=16,
+                             max_loras=2, max_model_len=2048, log_path=str(log))
     backend.start()
     yield backend
     backend.close()

@@ -53,7 +53,8 @@ def test_two_workers_balance_and_redo_a_crashed_workers_chunk(tmp_path, model_pa
     task = get_task("arc_c", formatter=str(model_path))
     reqs = task.build_requests(task.load("dev", 2), task.mode)
     jobs = [(a, None if a is None else content_hash(a), reqs) for a in adapters + [None]]
-    pool = DevicePoolBackend(str(model_path), "0,1", chunk=1, retries=1, log_dir=str(tmp_path), max_model_len=1024)
+    pool = DevicePoolBackend(str(model_path), "0,1", chunk=1, retries=1, log_dir=str(tmp_path), max_model_len=1024,
+                             dtype="float32")
     try:
         infos = pool.start()
         assert [i["device"] for i in infos] == ["0", "1"] and infos[0]["pid"] != infos[1]["pid"]

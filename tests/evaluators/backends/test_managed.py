@@ -89,6 +89,62 @@ def test_cache_hit_skips_scoring(model_path, managed_worker, backend_adapters, t
     assert ev.backend_calls == 2 and ev.last_timing["jobs"] == 1
 
 
+def test_cache_key_separates_route_and_dtype(model_path, managed_worker, backend_adapters):
+    """The same individual scored through the swap and through the LoRA route is two cache entries: a run resumed
+    with another --eval_mode never reuses fitness computed with other numerics."""
+    from evaluators.backends.base import Evaluator
+    from evaluators.tasks import get_task
+
+    task = get_task("arc_c", formatter=str(model_path))
+    ev = Evaluator(managed_worker, model=str(model_path))
+    assert ev.numerics("swap") == "swap:float32" and ev.numerics("lora") == "lora:float32"
+    ev.evaluate([backend_adapters[0]], [task], "dev", 1, mode="swap")
+    ev.evaluate([backend_adapters[0]], [task], "dev", 1, mode="lora")
+    assert ev.backend_calls == 2 and len(ev.cache) == 2
+    ev.evaluate([backend_adapters[0]], [task], "dev", 1, mode="swap")
+    assert ev.backend_calls == 2  # the swap answer is still served from the cache
+
+
+def _native_bf16() -> bool:
+    from evaluators.backends.worker import cpu_has_bf16
+
+    return cpu_has_bf16()
+
+
+@pytest.mark.skipif(not _native_bf16(), reason="this CPU emulates bf16 (no AVX512-BF16/AMX): the swap's default is "
+                                               "float32 here, and a bf16 engine is ~3x slower (measured by "
+                                               "`genome bench eval` instead)")
+def test_bf16_swap_agrees_with_fp32_swap(model_path, managed_worker, backend_adapters, tmp_path):
+    """The default engine on a CPU with native bf16 (the model's bf16) with W + ΔW rounded once to bf16 chooses the
+    same MMLU option as the float32 swap on (nearly) every sample, and the adapters still move its answers (ΔW is
+    not rounded away); the shared result cache never serves float32 answers to the bf16 engine."""
+    from evaluators.backends.base import Evaluator
+    from evaluators.backends.cache import ResultCache
+    from evaluators.backends.managed import ManagedBackend
+    from evaluators.tasks import get_task
+
+    task = get_task("mmlu", formatter=str(model_path))
+    n = 16
+    cache = ResultCache()
+    ev32 = Evaluator(managed_worker, model=str(model_path), cache=cache)
+    want = ev32.evaluate([None, *backend_adapters], [task], "dev", n, mode="swap")
+    bf16 = ManagedBackend(str(model_path), mode="swap", max_model_len=2048, log_path=str(tmp_path / "bf16.log"))
+    try:
+        ev16 = Evaluator(bf16, model=str(model_path), cache=cache)
+        assert ev16.numerics() == "swap:bfloat16"
+        got = ev16.evaluate([None, *backend_adapters], [task], "dev", n)
+        assert ev16.backend_calls == 1 and not any(r.cached for r in got)
+    finally:
+        bf16.close()
+    pg = [r.tasks[task.name].predictions for r in got]
+    pw = [r.tasks[task.name].predictions for r in want]
+    same = sum(a == b for g, w in zip(pg, pw) for a, b in zip(g, w)) / (len(pg) * n)
+    print(f"\nbf16 vs fp32 swap: same prediction on {100 * same:.1f}% of {len(pg) * n} samples")
+    assert same >= 0.85
+    probs = [r.tasks[task.name].option_probs for r in got]
+    assert probs[1] != probs[0] and probs[2] != probs[0]  # each adapter changed the bf16 engine's answers
+
+
 def test_rank_above_max_lora_rank_is_refused_before_any_work(model_path, managed_worker, make_peft_adapter,
                                                              tmp_path):
     from evaluators.backends.base import Evaluator

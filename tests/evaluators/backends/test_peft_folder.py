@@ -73,6 +73,23 @@ def test_plan_push_sends_whole_fused_groups_and_restores(tmp_path):
         plan_push({q: torch.zeros(2, 2)}, set(), base)
 
 
+def test_plan_push_rounds_w_plus_delta_once_to_the_engine_dtype(tmp_path):
+    """bf16 engine: the pushed weight is round_bf16(W + ΔW) summed in float32, not round(W) + round(ΔW): with
+    W = 1 and ΔW = 2^-8 + 2^-17, the exact sum lies above the midpoint 1 + 2^-8 and rounds to 1 + 2^-7, while
+    the rounded ΔW (2^-8) makes a tie that rounds to even: 1.0, the change lost."""
+    base, sd = _tiny_base(tmp_path)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    small = 2.0 ** -8 + 2.0 ** -17
+    push, _ = plan_push({q: torch.full((4, 3), small)}, set(), base, out_dtype=torch.bfloat16)
+    got = dict(push)
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    want = (sd[q].float() + small).to(torch.bfloat16)  # one rounding of the exact float32 sum
+    assert torch.equal(got[q], want) and float(got[q][0, 0]) == 1.0 + 2.0 ** -7
+    assert float((sd[q] + torch.full((4, 3), small).to(torch.bfloat16))[0, 0]) != float(want[0, 0])
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(got[k], sd[k])  # a sibling goes back as the exact base
+
+
 def _write_adapter(path, r=8, **cfg_extra):
     path.mkdir(parents=True)
     cfg = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": ["q_proj"], **cfg_extra}

@@ -114,7 +114,7 @@ def test_two_engine_actors_balance_work_and_survive_a_killed_actor(tmp_path, mod
     jobs = [(a, None if a is None else content_hash(a), reqs) for a in individuals]
 
     before = set(_ray_processes())
-    backend = rb.RayBackend(str(model_path), num_actors=2, max_model_len=1024,
+    backend = rb.RayBackend(str(model_path), num_actors=2, max_model_len=1024, dtype="float32",
                             ray_init_kwargs={"num_cpus": 2, "object_store_memory": 100 * 1024**2})
     try:
         infos = backend.start()
@@ -156,7 +156,8 @@ def test_two_engine_actors_balance_work_and_survive_a_killed_actor(tmp_path, mod
         assert killed and backend.replaced == 1 and ev.last_timing["replaced"] == 1
         digest = requests_digest(reqs)
         for (_, key, _), r, want in zip(jobs, results, clean):
-            got = ev.cache.get(cache_key(str(model_path), key or "base", task.name, "dev", 2, task.mode, digest))
+            got = ev.cache.get(cache_key(str(model_path), key or "base", task.name, "dev", 2, task.mode, digest,
+                                         ev.numerics()))
             assert got == want
             assert r.tasks[task.name] == task.score(items, want, task.mode)
         t_fault = time.monotonic()
