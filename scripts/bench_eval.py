@@ -26,7 +26,7 @@ import statistics
 import tempfile
 import time
 
-SCORING_MODES = ("choice_logprob",)  # the default --scoring: every mode that scores multiple choice
+SCORING_MODES = ("choice_logprob", "loglik")  # the default --scoring: every mode that scores multiple choice
 
 DIMS = {  # Llama-family module -> (d_out, d_in) from the HF config
     "q_proj": lambda c: (c["num_attention_heads"] * _hd(c), c["hidden_size"]),
