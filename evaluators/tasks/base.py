@@ -20,7 +20,8 @@ from evaluators.tasks.prompts import Formatter, as_formatter
 
 GENERATE = "generate"
 CHOICE_LOGPROB = "choice_logprob"
-MODES = (GENERATE, CHOICE_LOGPROB)
+LOGLIK = "loglik"  # multiple choice by the log-likelihood of each option's text (lm-eval's acc / acc_norm)
+MODES = (GENERATE, CHOICE_LOGPROB, LOGLIK)
 
 MULTIPLE_CHOICE = "multiple_choice"
 EXACT_MATCH = "exact_match"
@@ -53,8 +54,9 @@ class TaskResult:
       when none could be extracted). Equal predictions of the same sample always score the same, so the ensemble
       can vote on them.
     per_sample[i]: the sample's score in [0, 1] (1/0 correctness; token F1 for free-answer tasks).
-    option_probs[i]: choice_logprob only: probabilities of the options (softmax over their log-probs), in the order
-      of options[i]; None otherwise.
+    option_probs[i]: choice_logprob and loglik: probabilities of the options (softmax over the values the prediction
+      is the argmax of: option log-probs, or under loglik with acc_norm log-probs per byte), in the order of
+      options[i]; None otherwise.
     """
 
     task: str
@@ -91,7 +93,7 @@ class Task:
 
     Constructor arguments (all keyword, all optional):
       formatter: PromptFormatter / model path / function str -> str (needed to build chat prompts).
-      mode: "generate" or "choice_logprob" (default: the task's `default_mode`).
+      mode: "generate", "choice_logprob" or "loglik" (default: the task's `default_mode`).
       generation: GenerationConfig for generate mode.
       data_dir: folder holding the task's JSON file (file-backed tasks; default: the files shipped in evaluators/data).
     """

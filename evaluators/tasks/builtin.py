@@ -1,4 +1,4 @@
-"""The built-in tasks (multiple choice, GSM8K, NLGraph, DROP) and tasks built from a file path."""
+"""The built-in tasks (multiple choice incl. WinoGrande, GSM8K, NLGraph, DROP) and tasks built from a file path."""
 from __future__ import annotations
 
 import os
@@ -8,8 +8,8 @@ from evaluators.errors import UserError
 from evaluators.protocol import ChoiceRequest, ChoiceResponse, GenerateRequest, GenerateResponse, Request, Response
 from evaluators.tasks import extraction as ex
 from evaluators.tasks import metrics as M
-from evaluators.tasks.base import (CHOICE_LOGPROB, EXACT_MATCH, FREE_ANSWER, GENERATE, MULTIPLE_CHOICE, Item, Task,
-                                   TaskResult, register_task)
+from evaluators.tasks.base import (CHOICE_LOGPROB, EXACT_MATCH, FREE_ANSWER, GENERATE, LOGLIK, MULTIPLE_CHOICE, Item,
+                                   Task, TaskResult, register_task)
 from evaluators.tasks.loading import infer_kind, load_split, read_task_file, task_file
 from evaluators.tasks.prompts import MC_REPLY_INSTRUCTION, multiple_choice_body
 
@@ -36,6 +36,9 @@ class FileTask(Task):
 
 
 # ------------------------------------------------------------------------------------------ multiple choice
+ACC, ACC_NORM = "acc", "acc_norm"
+
+
 class MultipleChoiceTask(FileTask):
     """Items {question, choices {label: text}, answer label}.
 
@@ -43,11 +46,16 @@ class MultipleChoiceTask(FileTask):
       and ends with "Answer:"; the prediction is the option with the highest log-probability (ties: first label).
       `logprob_chat` says whether that prompt goes through the chat template (user message = the question block +
       the reply instruction, then "Answer:" right after the assistant header) or is plain text.
+    loglik: lm-eval style. Each option's TEXT is scored as a continuation of a task-specific context
+      (`loglik_context`; default "Question: {question}\nAnswer:" + " {option}"). metrics: acc = argmax of the
+      summed log-probs, acc_norm = argmax of log-prob / UTF-8 bytes of the continuation; the fitness score and the
+      prediction follow `loglik_metric` (chosen per task on dev, docs/TASKS.md). `loglik_requests` may build
+      several requests per item (WinoGrande: one per option); score() reads them back in the same order.
     generate: the chat prompt asks for the letter; extraction.extract_choice finds it in the reply.
     """
 
     kind = MULTIPLE_CHOICE
-    modes = (CHOICE_LOGPROB, GENERATE)
+    modes = (CHOICE_LOGPROB, GENERATE, LOGLIK)
     default_mode = CHOICE_LOGPROB
     default_max_tokens = 32
     instruction = ""  # optional first line of the prompt
@@ -55,11 +63,16 @@ class MultipleChoiceTask(FileTask):
     # plain text 0.36 / 0.16 (mmlu / arc_c) vs chat template 0.20 / 0.30: pooled 0.26 vs 0.25, so plain text
     # (also the harness convention and shorter). Per task: the `logprob_chat` argument or a subclass attribute.
     logprob_chat = False
+    loglik_metric = ACC  # which of acc / acc_norm is the fitness under loglik (docs/TASKS.md)
+    # Decided by measurement (docs/TASKS.md, "loglik: chat template or plain text"): plain text.
+    loglik_chat = False
 
-    def __init__(self, *, logprob_chat: bool | None = None, **kwargs: Any):
+    def __init__(self, *, logprob_chat: bool | None = None, loglik_chat: bool | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         if logprob_chat is not None:
             self.logprob_chat = bool(logprob_chat)
+        if loglik_chat is not None:
+            self.loglik_chat = bool(loglik_chat)
 
     def body(self, item: Item) -> str:
         return multiple_choice_body(item["question"], item["choices"], self.instruction)
@@ -69,15 +82,75 @@ class MultipleChoiceTask(FileTask):
             return self.format(f"{self.body(item)}\n{MC_REPLY_INSTRUCTION}") + "Answer:"
         return f"{self.body(item)}\nAnswer:"
 
+    # ---- loglik ----------------------------------------------------------------------------------------------
+    def loglik_query(self, item: Item) -> str:
+        """The context without its trailing answer cue (the user message when `loglik_chat`)."""
+        return f"Question: {item['question'].strip()}"
+
+    def loglik_context(self, item: Item) -> str:
+        """The text every option continues: plain "<query>\nAnswer:", or the chat prompt of <query> + "Answer:"."""
+        if self.loglik_chat:
+            return self.format(self.loglik_query(item)) + "Answer:"
+        return f"{self.loglik_query(item)}\nAnswer:"
+
+    def loglik_requests(self, item: Item) -> list[ChoiceRequest]:
+        """The item's requests; their options, concatenated, are the item's options in label order."""
+        return [ChoiceRequest(prompt=self.loglik_context(item),
+                              options=tuple(f" {text.strip()}" for text in item["choices"].values()))]
+
+    def check_loglik_item(self, item: Item) -> None:
+        """UserError naming the file and the item when it cannot be scored by log-likelihood."""
+        choices = item.get("choices")
+        if not isinstance(choices, dict) or not choices:
+            raise UserError(f"{self.where(item)}: scoring mode 'loglik' needs 'choices' (option texts)")
+        for label, text in choices.items():
+            if not isinstance(text, str) or not text.strip():
+                raise UserError(f"{self.where(item)}: choice {label!r} has no text to score under 'loglik'")
+
+    def where(self, item: Item) -> str:
+        ident = f" (id {item['id']!r})" if "id" in item else ""
+        return f"{self.path}: {item.get('_split', '?')} item {item.get('_index', '?')}{ident}"
+
     def build_requests(self, items: Sequence[Item], mode: str | None = None) -> list[Request]:
         mode = self.check_mode(mode)
+        if mode == LOGLIK:
+            for it in items:  # every item is checked before any request exists
+                self.check_loglik_item(it)
+            return [r for it in items for r in self.loglik_requests(it)]
         if mode == CHOICE_LOGPROB:
             return [ChoiceRequest(prompt=self.choice_prompt(it), options=tuple(f" {lab}" for lab in it["choices"]))
                     for it in items]
         return self._generate_requests(items, [f"{self.body(it)}\n{MC_REPLY_INSTRUCTION}" for it in items])
 
+    def _score_loglik(self, items: Sequence[Item], responses: Sequence[Response]) -> TaskResult:
+        per_item = [self.loglik_requests(it) for it in items]
+        self.check_responses([r for rs in per_item for r in rs], responses, ChoiceResponse)
+        labels = [tuple(it["choices"]) for it in items]
+        golds = [it["answer"] for it in items]
+        acc, acc_norm, preds, probs = [], [], [], []
+        pos = 0
+        for it, reqs, labs, gold in zip(items, per_item, labels, golds):
+            conts = [o for r in reqs for o in r.options]
+            lps = [lp for r in responses[pos:pos + len(reqs)] for lp in r.logprobs]
+            pos += len(reqs)
+            if len(lps) != len(labs) or len(conts) != len(labs):
+                raise ValueError(f"{self.name}: {len(lps)} option log-probs for {len(labs)} options")
+            norm = M.per_byte(lps, conts)
+            acc.append(float(labs[M.argmax(lps)] == gold))
+            acc_norm.append(float(labs[M.argmax(norm)] == gold))
+            chosen = lps if self.loglik_metric == ACC else norm
+            preds.append(labs[M.argmax(chosen)])
+            probs.append(M.softmax(chosen))
+        n = len(items)
+        metrics = {ACC: sum(acc) / n, ACC_NORM: sum(acc_norm) / n}
+        return self.make_result(items, mode=LOGLIK, predictions=preds,
+                                per_sample=acc if self.loglik_metric == ACC else acc_norm, references=golds,
+                                metrics=metrics, option_probs=probs, options=labels)
+
     def score(self, items: Sequence[Item], responses: Sequence[Response], mode: str | None = None) -> TaskResult:
         mode = self.check_mode(mode)
+        if mode == LOGLIK:
+            return self._score_loglik(items, responses)
         labels = [tuple(it["choices"]) for it in items]
         golds = [it["answer"] for it in items]
         if mode == CHOICE_LOGPROB:
@@ -121,7 +194,77 @@ class TruthfulQA(MultipleChoiceTask):
 
 @register_task("hellaswag")
 class HellaSwag(MultipleChoiceTask):
+    """loglik: the context itself, continued by " {ending}" (no "Question:"/"Answer:" framing)."""
+
     instruction = "Pick the most plausible continuation of the text."
+
+    def loglik_query(self, item: Item) -> str:
+        return item["question"].strip()
+
+    def loglik_context(self, item: Item) -> str:
+        return self.format(self.loglik_query(item)) if self.loglik_chat else self.loglik_query(item)
+
+
+@register_task("arc_e")
+class ARCEasy(MultipleChoiceTask):
+    pass
+
+
+@register_task("piqa")
+class PIQA(MultipleChoiceTask):
+    pass
+
+
+@register_task("openbookqa")
+class OpenBookQA(MultipleChoiceTask):
+    pass
+
+
+@register_task("commonsense_qa")
+class CommonsenseQA(MultipleChoiceTask):
+    pass
+
+
+@register_task("boolq")
+class BoolQ(MultipleChoiceTask):
+    """loglik: "{passage}\nQuestion: {question}?\nAnswer:" + " yes" / " no". The file's `question` field already
+    holds "{passage}\nQuestion: {question}?" (evaluators/data/README.md), so the context is that + "\nAnswer:"."""
+
+    def loglik_query(self, item: Item) -> str:
+        return item["question"].strip()
+
+
+@register_task("winogrande")
+class WinoGrande(MultipleChoiceTask):
+    """Fill-in-the-blank (one `_` in the sentence), scored lm-eval's "partial" way: for each option, the prompt is
+    the sentence up to the blank with the option filled in, and the scored continuation is the text after the
+    blank, verbatim (so every option scores the same continuation and acc_norm == acc). One ChoiceRequest per
+    option, with that one continuation. loglik only: a letter or a generated answer does not fit a cloze."""
+
+    modes = (LOGLIK,)
+    default_mode = LOGLIK
+
+    def check_mode(self, mode: str | None) -> str:
+        mode = mode or getattr(self, "mode", None) or self.default_mode
+        if mode != LOGLIK:
+            raise UserError(f"task '{self.name}' is a fill-in-the-blank task scored only with '{LOGLIK}' "
+                            f"(partial scoring), not '{mode}'")
+        return mode
+
+    def check_loglik_item(self, item: Item) -> None:
+        super().check_loglik_item(item)
+        q = item["question"]
+        if q.count("_") != 1:
+            raise UserError(f"{self.where(item)}: a WinoGrande sentence needs exactly one '_' blank, "
+                            f"found {q.count('_')}")
+        if not q[q.index("_") + 1:].strip():
+            raise UserError(f"{self.where(item)}: nothing follows the '_' blank, so there is no text to score")
+
+    def loglik_requests(self, item: Item) -> list[ChoiceRequest]:
+        q = item["question"]
+        i = q.index("_")
+        return [ChoiceRequest(prompt=q[:i] + text.strip(), options=(q[i + 1:].rstrip(),))
+                for text in item["choices"].values()]
 
 
 # --------------------------------------------------------------------------------------------- exact match
@@ -242,7 +385,13 @@ def task_from_file(path: str, **kwargs: Any) -> Task:
     if not os.path.isfile(path):
         raise UserError(f"task file not found: {path}")
     kwargs.pop("data_dir", None)  # an explicit path wins over data_dir
-    kind = infer_kind(read_task_file(path), path)
+    data = read_task_file(path)
+    kind = infer_kind(data, path)
+    if kwargs.get("mode") == LOGLIK and kind != MULTIPLE_CHOICE:  # the first item decided the kind
+        split, i, item = next((k, i, it) for k, v in data.items() if isinstance(v, list) for i, it in enumerate(v))
+        ident = f" (id {item['id']!r})" if "id" in item else ""
+        raise UserError(f"{path}: {split} item {i}{ident} has no 'choices'; scoring mode 'loglik' needs "
+                        "multiple-choice items")
     name = os.path.splitext(os.path.basename(path))[0]
     cls = type(f"FileTask_{kind}", (_BY_KIND[kind],), {"name": name})
     return cls(path=path, **kwargs)

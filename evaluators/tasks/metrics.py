@@ -124,6 +124,14 @@ def argmax(values: Sequence[float]) -> int:
     return best
 
 
+def per_byte(logprobs: Sequence[float], continuations: Sequence[str]) -> tuple[float, ...]:
+    """lm-eval's acc_norm values: each option's log-probability divided by its continuation's length in UTF-8
+    bytes (the continuation as scored, leading space included)."""
+    if len(logprobs) != len(continuations):
+        raise ValueError(f"{len(logprobs)} log-probs for {len(continuations)} continuations")
+    return tuple(lp / len(c.encode("utf-8")) for lp, c in zip(logprobs, continuations))
+
+
 # -------------------------------------------------------------------------------------------------- weights
 def normalize_weights(weights: Sequence[float] | None, n_tasks: int, names: Sequence[str] | None = None
                       ) -> tuple[tuple[float, ...], str | None]:

@@ -1,4 +1,4 @@
-"""JAX scoring backend for multiple-choice (`choice_logprob`) requests: every individual of a population on N
+"""JAX scoring backend for multiple-choice (`choice_logprob` and `loglik`) requests: every individual of a population on N
 requests in jitted, batched forward passes, no PEFT export.
 
 A request is anything with `.prompt: str` and `.options: tuple[str, ...]` (evaluators.protocol.ChoiceRequest;
@@ -24,6 +24,9 @@ import numpy as np
 
 from genome_jax.errors import UserError
 from genome_jax.models import llama
+
+
+CHOICE_MODES = ("choice_logprob", "loglik")  # task modes whose requests are choice requests (evaluators.tasks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,14 +223,18 @@ class JaxScorer:
 
     def evaluate(self, factors: dict | None, tasks: Sequence[Any], split: str, n: int | None,
                  response_cls: Callable[..., Any]) -> list[dict[str, Any]]:
-        """Per individual, {task name: task.score(...)} on the first n items of `split`, choice_logprob mode.
+        """Per individual, {task name: task.score(...)} on the first n items of `split`, in each task's mode
+        (choice_logprob or loglik: both are choice requests; a task may build several per item).
         All requests of all tasks go through one scoring pass."""
         prepared, requests = [], []
         for task in tasks:
+            if task.mode not in CHOICE_MODES:
+                raise UserError(f"the JAX scorer scores choice requests only ({', '.join(CHOICE_MODES)}); "
+                                f"task '{task.name}' uses '{task.mode}'")
             items = task.load(split, n)
-            reqs = task.build_requests(items, "choice_logprob")
+            reqs = task.build_requests(items, task.mode)
             prepared.append((task, items, len(requests), len(reqs)))
             requests += reqs
         resp = self.responses(factors, requests, response_cls)
-        return [{t.name: t.score(items, r[start : start + k], "choice_logprob") for t, items, start, k in prepared}
+        return [{t.name: t.score(items, r[start : start + k], t.mode) for t, items, start, k in prepared}
                 for r in resp]

@@ -64,7 +64,7 @@ def test_data_dir_override(tmp_path):
 
 
 def test_unknown_task_name():
-    with pytest.raises(UserError, match=r"unknown task 'mmluu' \(known: arc_c, drop"):
+    with pytest.raises(UserError, match=r"unknown task 'mmluu' \(known: arc_c, arc_e, boolq, commonsense_qa, drop"):
         get_task("mmluu")
 
 
