@@ -54,6 +54,7 @@ class RunConfig:
     eval_mode: str = "auto"  # vLLM route: swap (W+ΔW into the live engine) | lora (multi-LoRA) | auto (per platform)
     endpoints: tuple[str, ...] = ()  # external OpenAI-compatible vLLM servers instead of the managed process
     ensemble_k: int = 5  # ensembles of the top-k individuals (dev ranking), k = 1..ensemble_k
+    allow_overlap: bool = False  # run although an expert was trained on dev/test items of a run's task (leakage)
     # placement (where the work runs, never what it computes; a resumed run may change them):
     devices: int = 0  # local JAX devices the population axis is sharded over (0: unsharded, -1: all of them)
     eval_devices: str | None = None  # "0,1,2,3": one managed vLLM worker per GPU
@@ -101,7 +102,7 @@ class RunConfig:
 # Fields that may differ when a run is resumed: what is reported after the search, not the search itself.
 # (max_iter is part of the identity: it sizes the fitness history held in the checkpointed state.)
 # Placement settings (devices, evaluator engines) move the work, not the search: a run may resume on other hardware.
-RESUME_MAY_CHANGE = ("output_dir", "test_tasks", "n_test", "ensemble_k", "endpoints", "eval_mode",
+RESUME_MAY_CHANGE = ("output_dir", "test_tasks", "n_test", "ensemble_k", "endpoints", "eval_mode", "allow_overlap",
                      "devices", "eval_devices", "ray_address", "ray_actors")
 
 # key -> kind, for type checking values from a config file (flags are typed by argparse already)
@@ -133,6 +134,7 @@ _KINDS: dict[str, str] = {
     "eval_mode": "str",
     "endpoints": "str_list",
     "ensemble_k": "int",
+    "allow_overlap": "bool",
     "devices": "devices",
     "eval_devices": "device_list?",
     "ray_address": "str?",

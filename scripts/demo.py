@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ensemble_k", type=int, default=3, help="ensembles of the top k = 1..K (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--allow-overlap", "--allow_overlap", dest="allow_overlap", action="store_true",
+                        help="run even if an expert was trained on the target's dev/test items (see docs/EXPERTS.md)")
 
 
 def _say(msg: str) -> None:
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         "tasks": [target], "method": "genome_plus", "model_path": str(model_path), "lora_dir": str(lora_dir),
         "population_size": args.population_size, "max_population_size": args.max_population_size,
         "max_iter": args.generations, "n_dev": args.n_dev, "n_test": args.n_test, "scoring": "choice_logprob",
-        "ensemble_k": args.ensemble_k, "seed": args.seed, "output_dir": out_dir,
+        "ensemble_k": args.ensemble_k, "seed": args.seed, "output_dir": out_dir, "allow_overlap": args.allow_overlap,
         # the experts themselves start the population (elitism then keeps the evolved best >= the best expert
         # on dev); GENOME's random pairwise merges are `genome run`'s default
         "init_merge": args.population_size < _n_experts(lora_dir),

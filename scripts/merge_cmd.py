@@ -24,8 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--density", type=float, default=0.2, help="fraction kept (ties, dare_*, breadcrumbs, "
                         "magnitude_prune); default 0.2")
     parser.add_argument("--majority-sign-method", choices=("total", "frequency"), default="total")
-    parser.add_argument("--normalize", choices=("count", "weight", "none"), default="count",
-                        help="count: PEFT (divide by agreeing adapters); weight / none: mergekit normalize true/false")
+    parser.add_argument("--normalize", choices=("weight", "count", "none"), default="weight",
+                        help="weight (default): mergekit normalize=true, divide by the agreeing (ties-type) or all "
+                             "weights, so merging an adapter with itself returns it; count: PEFT (divide ties-type "
+                             "merges by the number of agreeing adapters, leave sums); none: mergekit normalize=false")
     parser.add_argument("--no-rescale", action="store_true", help="DARE: do not divide kept entries by density")
     parser.add_argument("--gamma", type=float, default=0.01, help="breadcrumbs: fraction of largest entries dropped")
     parser.add_argument("--t", type=float, default=None, help="slerp position (default: w2 / (w1 + w2))")

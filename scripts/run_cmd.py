@@ -61,7 +61,7 @@ _FLAGS: list[tuple[str, Callable | None, str | None, str]] = [
     ("ray_address", str, None, "vllm: one engine per Ray actor on a Ray cluster: local | auto | ray://host:port"),
     ("ray_actors", int, None, "with --ray_address: number of Ray actors (default one per GPU, or per CPU)"),
 ]
-CONFIG_KEYS = [f[0] for f in _FLAGS] + ["init_merge"]
+CONFIG_KEYS = [f[0] for f in _FLAGS] + ["init_merge", "allow_overlap"]
 
 
 def _exit_1_error(message: str) -> None:  # bad flag values exit 1 like every other bad input of `genome run`
@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", dest="max_iter", type=int, default=None, help=argparse.SUPPRESS)  # seed spelling
     parser.add_argument("--no-init-merge", "--no_init_merge", dest="init_merge", action="store_const", const=False,
                         default=None, help="start from the experts themselves instead of random pairwise merges")
+    parser.add_argument("--allow-overlap", "--allow_overlap", dest="allow_overlap", action="store_const", const=True,
+                        default=None, help="run even if an expert's provenance shows it was trained on dev/test items "
+                                           "of a --tasks / --test_tasks task (recorded in result.json)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     # SUPPRESS: `genome --debug run ...` keeps working (a default here would overwrite the top-level flag)
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

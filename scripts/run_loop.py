@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -104,6 +105,7 @@ def prepare(flags: Mapping[str, Any], *, config_file: str | None = None,
         elif set(out_dir.iterdir()) - orphan_temps(out_dir):  # a killed run's temp files alone are no content
             raise UserError(f"--output_dir {out_dir}: folder is not empty and holds no genome run")
     validate_more(cfg)
+    check_provenance(cfg)
     return cfg, out_dir
 
 
@@ -151,6 +153,55 @@ def validate_more(cfg: RunConfig) -> None:
 
 
 _SYNTHETIC_EXPERTS = 4  # genome_jax.synthetic.synthetic_experts' default pool size
+
+
+# --------------------------------------------------------------------------------------------------- leakage
+def _task_items(name: str) -> dict[str, list]:
+    """{split: items} of a task's dev and test splits (those its file holds)."""
+    from evaluators.tasks import get_task
+    from evaluators.tasks.loading import read_task_file, splits_of
+
+    task = get_task(name)
+    path = getattr(task, "path", None)
+    have = splits_of(read_task_file(path), path) if path else ("dev", "test")
+    return {s: task.load(s) for s in ("dev", "test") if s in have}
+
+
+def provenance_report(cfg: RunConfig) -> dict | None:
+    """What the experts were trained on, against the dev/test items of the run's tasks (evaluators.provenance):
+    {"allow_overlap", "adapters": {expert: known | unknown | unparseable}, "unparseable": {expert: why},
+    "overlaps": [...]}. None without --lora_dir (synthetic experts). Reads small files only."""
+    if cfg.lora_dir is None:
+        return None
+    from evaluators import provenance
+    from genome_jax.population import adapter_folders
+
+    adapters = {p.name: p for p in adapter_folders(cfg.lora_dir)}
+    read = {name: provenance.read_provenance(p) for name, p in adapters.items()}
+    tasks = () if cfg.synthetic else tuple(dict.fromkeys(cfg.tasks + cfg.test_tasks))
+    return {"allow_overlap": cfg.allow_overlap,
+            "adapters": {name: r["status"] for name, r in read.items()},
+            "unparseable": {name: r["error"] for name, r in read.items() if r["status"] == provenance.UNPARSEABLE},
+            "overlaps": provenance.find_overlaps(adapters, {t: _task_items(t) for t in tasks})}
+
+
+def check_provenance(cfg: RunConfig) -> None:
+    """Refuse (UserError, one line) a run whose target or test task has dev/test items an expert was trained on,
+    unless --allow-overlap. An unparseable provenance file is reported on stderr (one line) and not trusted."""
+    from evaluators.provenance import overlap_message
+
+    report = provenance_report(cfg)
+    if report is None:
+        return
+    for name, why in report["unparseable"].items():
+        print(f"genome: warning: expert '{name}': provenance not trusted ({why})", file=sys.stderr, flush=True)
+    if not report["overlaps"]:
+        return
+    if not cfg.allow_overlap:
+        raise UserError(f"{overlap_message(report['overlaps'])}: its scores there would be leaked; use experts not "
+                        "trained on the run's tasks, or pass --allow-overlap to run anyway")
+    print(f"genome: warning: --allow-overlap: {overlap_message(report['overlaps'])} (recorded in result.json)",
+          file=sys.stderr, flush=True)
 
 
 def population_mesh(cfg: RunConfig, params):
@@ -431,6 +482,7 @@ def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print) -> d
     timer = Timer()
     _enable_compilation_cache()
     params = strategy_params(cfg)
+    provenance = provenance_report(cfg)  # the experts' training data vs the run's tasks, for result.json
     plain = get_strategy(cfg.method)
     mesh = population_mesh(cfg, params)  # --devices N: the population axis sharded over N local devices
     if mesh is None:
@@ -560,7 +612,8 @@ def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print) -> d
         evolution = {**timer.since(at_evolution), "total": round(time.perf_counter() - t_evo, 3)}
         at_final, t_final = dict(timer.total), time.perf_counter()
         result = _final_report(cfg, out_dir, state, experts, experts_info, scorer, timer, progress)
-        result.update(generations=int(state.generation), stopped_early=stopped_early, resumed_from=resumed_from)
+        result.update(generations=int(state.generation), stopped_early=stopped_early, resumed_from=resumed_from,
+                      provenance=provenance)
         # where the time went (this process only: a resumed run reports its own share)
         result["timings_s"] = {
             "load": round(at_evolution.get("load", 0.0), 3),

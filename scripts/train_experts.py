@@ -4,8 +4,8 @@ training examples; the math lives in genome_jax.models.trainer, which knows noth
     genome train-experts --model_path M --out DIR --experts csqa=commonsense_qa:test[200:] boolq=boolq:test[200:] \\
         --steps 60 --lr 1e-3
 
-writes DIR/<name>/ (PEFT folders that peft and vLLM load, each with expert.json: training slice and held-out slice)
-and DIR/train_log.json (config, loss curve per expert, tokens/s). An example is the task's loglik context followed by
+writes DIR/<name>/ (PEFT folders that peft and vLLM load, each with expert.json: training slice and held-out slice,
+and genome_provenance.json: the task file, split and item hashes it was trained on) and DIR/train_log.json (config, loss curve per expert, tokens/s). An example is the task's loglik context followed by
 the gold option's text (" {option}"), with the loss on the option's tokens: exactly the log-likelihood that
 `--scoring loglik` compares across options. `genome train-experts --demo` (or `--pool quality`) builds or reuses a
 cached pool and prints its folder. Held-out accuracies: `genome eval --scoring loglik` on each expert's held-out
@@ -95,6 +95,17 @@ def data_digest(model_path: str, specs: Sequence[Any]) -> str:
     return h.hexdigest()
 
 
+def write_provenance(out_dir: Path, model_path: str, specs: Sequence[Any]) -> None:
+    """out_dir/<name>/genome_provenance.json per expert: exactly the items of its training slice (evaluators.provenance;
+    `genome run` refuses a task whose dev/test items are among them). Over-long items that the trainer skipped are
+    recorded too: the check errs towards refusing."""
+    from evaluators import provenance
+
+    for spec, task in zip(specs, _tasks(model_path, specs)):
+        entry = provenance.make_entry(task.name, getattr(task, "path", None), spec.split, spec_items(task, spec))
+        provenance.write_provenance(Path(out_dir) / spec.name, [entry])
+
+
 def _tasks(model_path: str, specs: Sequence[Any]) -> list[Any]:
     from evaluators.tasks.base import get_task
 
@@ -124,7 +135,8 @@ def ensure_pool(model_path: str, name: str = "demo", *, progress: bool = True) -
 
     specs, cfg = _pools()[name]
     return trainer.ensure_pool(model_path, specs, lambda: pool_examples(model_path, specs, cfg),
-                               data_digest=data_digest(model_path, specs), cfg=cfg, progress=progress)
+                               data_digest=data_digest(model_path, specs), cfg=cfg,
+                               annotate=lambda folder: write_provenance(folder, model_path, specs), progress=progress)
 
 
 # --------------------------------------------------------------------------------------------- command
@@ -160,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
     examples = pool_examples(model_path, specs, cfg)  # fails fast on unknown tasks, before the model loads
     result = trainer.train_pool(model_path, specs, examples, out, cfg, progress=not args.no_progress,
                                 log=lambda m: print(m, file=sys.stderr, flush=True))
+    write_provenance(out, model_path, specs)
     summary = {"out": str(out), "experts": [{k: e[k] for k in ("name", "task", "split", "start", "stop", "held_out",
                                                                "examples", "tokens", "seconds")}
                                             | {"final_loss": e["losses"][-1]} for e in result["experts"]]}

@@ -53,9 +53,9 @@ class TrainConfig:
     rank: int = 8
     alpha: float = 16.0  # LoRA scale alpha / rank while training; folded into B on export
     targets: tuple[str, ...] = llama.LORA_MODULES
-    steps: int = 24
-    lr: float = 2e-3
-    warmup_steps: int = 2
+    steps: int = 30
+    lr: float = 1e-3
+    warmup_steps: int = 3
     end_lr_ratio: float = 0.1  # cosine decays to lr * end_lr_ratio
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -481,6 +481,12 @@ DEMO_EXPERTS: tuple[ExpertSpec, ...] = (
     ExpertSpec("openbookqa", "openbookqa", "test", 200),
 )
 DEMO_CONFIG = TrainConfig()
+# The larger pool (genome bench quality): the demo's four plus two more sources, same recipe.
+QUALITY_EXPERTS: tuple[ExpertSpec, ...] = DEMO_EXPERTS + (
+    ExpertSpec("arc_c", "arc_c", "test", 200),
+    ExpertSpec("mmlu", "mmlu", "test", 200),
+)
+QUALITY_CONFIG = TrainConfig()
 
 
 def recipe_hash(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], cfg: TrainConfig,
@@ -506,11 +512,12 @@ def experts_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 def ensure_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec],
                 make_examples: Callable[[], Sequence[Sequence[Example]]], *, data_digest: str,
                 cfg: TrainConfig = DEMO_CONFIG, cache_dir: str | os.PathLike | None = None,
-                progress: bool = True) -> Path:
+                annotate: Callable[[Path], None] | None = None, progress: bool = True) -> Path:
     """A pool of experts (a folder of PEFT adapters), trained once and cached by recipe hash under
     <cache>/experts/<hash>/ (cache: cache_dir, else $GENOME_JAX_CACHE/experts, else ~/.cache/genome-jax/experts).
     make_examples() (called only when training is needed) gives one example list per expert; data_digest names
-    that data in the hash. Concurrent callers wait on a lock; a finished pool holds READY and is never rewritten."""
+    that data in the hash; annotate(folder), if given, adds files (provenance) before the pool is marked READY.
+    Concurrent callers wait on a lock; a finished pool holds READY and is never rewritten."""
     root = experts_cache_root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     digest = recipe_hash(model_path, experts, cfg, data_digest)
@@ -524,6 +531,8 @@ def ensure_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec],
         tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.tmp-", dir=root))
         try:
             train_pool(model_path, experts, make_examples(), tmp, cfg, progress=progress)
+            if annotate is not None:
+                annotate(tmp)
             (tmp / "READY").write_text(digest + "\n")
             if dest.exists():  # a stale, unfinished folder from an older layout
                 shutil.rmtree(dest)

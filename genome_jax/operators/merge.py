@@ -11,12 +11,14 @@ key `fold_in(split(key, C)[c], leaf_index)` for its leaf, so it equals `merge_on
 
 Methods (x_k: parent tensors, w_k: weights) and the semantics they reproduce:
 - linear: sum w_k x_k / sum w_k. mergekit `linear` (normalize=true).
-- task_arithmetic: scale * sum w_k x_k. PEFT `task_arithmetic`; mergekit `task_arithmetic` (lambda=scale).
+- task_arithmetic: scale * sum w_k x_k (/ sum w_k under normalize="weight"). mergekit `task_arithmetic`
+  (lambda=scale); PEFT `task_arithmetic` (normalize="count").
 - ties: trim each x_k to its top-`density` magnitudes, elect a sign per entry, disjoint merge (see `normalize`).
-  PEFT `ties` (normalize="count"); mergekit `ties` (normalize="weight" / "none").
-- dare_linear: sum w_k m_k x_k / density, m_k ~ Bernoulli(density) per entry. PEFT `dare_linear` (rescale=True).
-- dare_ties: the DARE drop + rescale, then TIES election and disjoint merge. PEFT `dare_ties`.
-- magnitude_prune: sum w_k trim(x_k). PEFT `magnitude_prune`.
+  mergekit `ties` (normalize="weight", the default / "none"); PEFT `ties` (normalize="count").
+- dare_linear: sum w_k m_k x_k / density, m_k ~ Bernoulli(density) per entry. PEFT `dare_linear` (rescale=True,
+  normalize="count").
+- dare_ties: the DARE drop + rescale, then TIES election and disjoint merge. PEFT `dare_ties` (normalize="count").
+- magnitude_prune: sum w_k trim(x_k). PEFT `magnitude_prune` (normalize="count").
 - breadcrumbs: sum w_k x_k restricted to magnitude ranks (n_top, n_top + n_keep], n_top = int(gamma n),
   n_keep = int(density n) (n_top shrinks if the two exceed n). mergekit `breadcrumbs` (`magnitude_outliers`),
   without its empty slice at gamma = 0.
@@ -25,10 +27,14 @@ Methods (x_k: parent tensors, w_k: weights) and the semantics they reproduce:
 - blx_alpha: each gene uniform in [min - alpha d, max + alpha d], d = max - min over the parents (BLX-alpha,
   Eshelman & Schaffer 1993: children can leave the parents' interval).
 - uniform: each gene copied from parent k with probability w_k / sum w (uniform crossover).
-`normalize` ("count" | "weight" | "none"): TIES-type methods divide by the number of agreeing parents (PEFT; sign
-elected from unweighted values), by the agreeing weight (mergekit normalize=true; sign from weighted values), or
-not at all (mergekit normalize=false). For the sum-type methods (task_arithmetic, dare_linear, magnitude_prune,
-breadcrumbs) "weight" divides by sum w_k (mergekit normalize=true) and "count"/"none" leave the sum (PEFT).
+`normalize` ("weight" | "count" | "none"): TIES-type methods divide by the agreeing weight (mergekit normalize=true,
+the default; sign elected from weighted values), by the number of agreeing parents (PEFT; sign elected from
+unweighted values), or not at all (mergekit normalize=false). For the sum-type methods (task_arithmetic, dare_linear,
+magnitude_prune, breadcrumbs) "weight" divides by sum w_k (mergekit normalize=true) and "count"/"none" leave the sum
+(PEFT). "weight" is the default because it preserves parents: merging an individual with itself (weights summing
+to 1, nothing trimmed or dropped) returns it, under every method and in both spaces (tests/genome_jax/operators/
+test_merge_identity.py). PEFT's "count" does not: K copies of one parent with weights summing to 1 come out divided
+by K, so in factor space a 2-parent self-merge has A/2 and B/2 and a quarter of the parent's ΔW = B A.
 `rescale` (DARE): divide kept entries by density (PEFT; mergekit's newer default rescales by the L1 norm instead).
 All trimming is per tensor (each A and each B on its own), as PEFT and mergekit do it; k = int(density * numel).
 
@@ -84,7 +90,7 @@ class MergeConfig:
     """Static configuration of a merge (hashable: a static argument of the jitted crossover).
 
     method: one of METHODS. density: fraction kept by trimming / DARE. majority_sign_method: "total" | "frequency".
-    normalize: "count" (PEFT) | "weight" | "none" (mergekit normalize true/false). rescale: DARE divides kept
+    normalize: "weight" | "none" (mergekit normalize true/false) | "count" (PEFT; shrinks a self-merge, see above). rescale: DARE divides kept
     entries by density. gamma: breadcrumbs' fraction of largest magnitudes dropped. t: slerp position (None: from
     the weights). alpha: BLX-alpha extension. scale: task_arithmetic's lambda. space: "factors" | "delta".
     Delta space, elementwise methods: svd "randomized" | "exact", oversample and power_iters of the randomized SVD,
@@ -95,7 +101,7 @@ class MergeConfig:
     method: str = "ties"
     density: float = 0.2
     majority_sign_method: str = "total"
-    normalize: str = "count"
+    normalize: str = "weight"
     rescale: bool = True
     gamma: float = 0.01
     t: float | None = None
@@ -178,14 +184,15 @@ def linear(key, x, weights):
     return _maybe_normalize(_wsum(x, w), w, "weight")
 
 
-def task_arithmetic(key, x, weights, *, scale: float = 1.0, normalize: str = "count"):
-    """scale * sum w_k x_k (PEFT `task_arithmetic`; mergekit lambda = scale)."""
+def task_arithmetic(key, x, weights, *, scale: float = 1.0, normalize: str = "weight"):
+    """scale * sum w_k x_k, divided by sum w_k under normalize="weight" (mergekit lambda = scale; PEFT
+    `task_arithmetic` with normalize="count")."""
     del key
     w = weights.astype(x.dtype)
     return scale * _maybe_normalize(_wsum(x, w), w, normalize)
 
 
-def ties(key, x, weights, *, density: float, majority_sign_method: str = "total", normalize: str = "count",
+def ties(key, x, weights, *, density: float, majority_sign_method: str = "total", normalize: str = "weight",
          cuts=None, select: str = "auto"):
     """TIES-merging (Yadav et al. 2023): trim each parent to its top-`density` magnitudes, elect a sign per entry,
     average the agreeing entries (kernels.ties_combine). cuts: (K,) precomputed per-parent cuts, or None."""
@@ -198,7 +205,7 @@ def ties(key, x, weights, *, density: float, majority_sign_method: str = "total"
                               majority_sign_method=majority_sign_method, normalize=normalize)
 
 
-def magnitude_prune(key, x, weights, *, density: float, normalize: str = "count", cuts=None, select: str = "auto"):
+def magnitude_prune(key, x, weights, *, density: float, normalize: str = "weight", cuts=None, select: str = "auto"):
     """sum w_k trim(x_k): each parent keeps its top-`density` magnitudes (PEFT `magnitude_prune`)."""
     del key
     if cuts is None:
@@ -214,14 +221,14 @@ def _dare_drop(key, x, density: float, rescale: bool):
     return dropped / jnp.asarray(density, x.dtype) if rescale else dropped
 
 
-def dare_linear(key, x, weights, *, density: float, rescale: bool = True, normalize: str = "count"):
+def dare_linear(key, x, weights, *, density: float, rescale: bool = True, normalize: str = "weight"):
     """DARE (Yu et al. 2024): drop each entry with probability 1 - density, rescale by 1/density, weighted sum
     (PEFT `dare_linear`). The keep mask is jax.random.bernoulli(key, density, x.shape)."""
     w = weights.astype(x.dtype)
     return _maybe_normalize(_wsum(_dare_drop(key, x, density, rescale), w), w, normalize)
 
 
-def dare_ties(key, x, weights, *, density: float, majority_sign_method: str = "total", normalize: str = "count",
+def dare_ties(key, x, weights, *, density: float, majority_sign_method: str = "total", normalize: str = "weight",
               rescale: bool = True):
     """DARE drop + rescale, then TIES sign election and disjoint merge (PEFT `dare_ties`)."""
     d = _dare_drop(key, x, density, rescale)
@@ -230,7 +237,7 @@ def dare_ties(key, x, weights, *, density: float, majority_sign_method: str = "t
                               majority_sign_method=majority_sign_method, normalize=normalize)
 
 
-def breadcrumbs(key, x, weights, *, density: float, gamma: float = 0.01, normalize: str = "count", cuts=None,
+def breadcrumbs(key, x, weights, *, density: float, gamma: float = 0.01, normalize: str = "weight", cuts=None,
                 select: str = "auto"):
     """Model Breadcrumbs (Davari & Belilovsky 2023): per parent drop the `gamma` largest magnitudes and keep the next
     `density` fraction, then sum w_k x_k. cuts: (K, 2) = (cut of the n_top-th, cut of the (n_top+n_keep)-th)."""

@@ -130,7 +130,9 @@ class StrategyParams:
 
 def _merge_config(value):
     if isinstance(value, str):
-        return _merge().MergeConfig(method=value)
+        # mergekit's normalisation by the agreeing weights: a child of identical parents is that parent (PEFT's
+        # count normalisation would divide A and B by the number of parents, and ΔW by its square)
+        return _merge().MergeConfig(method=value, normalize="weight")
     return value
 
 
@@ -298,7 +300,8 @@ def raw_key(key) -> jax.Array:
 # ---- breeding ----
 
 def parent_weights(key, parent_fitness, mode: str):
-    """Merge weights (n, K) summing to 1 per child. parent_fitness: (n, K)."""
+    """Merge weights (n, K) summing to 1 per child (crossover then returns a parent when all K are the same one, see
+    `_merge_config`). parent_fitness: (n, K)."""
     n, k = parent_fitness.shape
     if mode == "equal":
         return jnp.full((n, k), 1.0 / k, jnp.float32)

@@ -58,12 +58,12 @@ def _scaled(toy, alphas, seeds, layer, mod, r=2):
     return As, Bs
 
 
-def test_merge_ties_loads_in_peft_with_peft_ties_deltas(toy, tmp_path, capsys):
+def test_merge_ties_count_loads_in_peft_with_peft_ties_deltas(toy, tmp_path, capsys):
     alphas, seeds, w = (2, 6), (0, 1), [0.6, 0.4]
     dirs = _write_toys(toy, tmp_path, alphas, seeds)
     out = tmp_path / "merged"
-    rc = cli.main(["merge", "--method", "ties", "--density", "0.5", "--weights", *map(str, w), "--out", str(out),
-                   *map(str, dirs)])
+    rc = cli.main(["merge", "--method", "ties", "--density", "0.5", "--normalize", "count", "--weights", *map(str, w),
+                   "--out", str(out), *map(str, dirs)])
     assert rc == 0, capsys.readouterr().err
     assert "merged 2 adapters with ties" in capsys.readouterr().out
     cfg = json.loads((out / "adapter_config.json").read_text())
@@ -76,6 +76,43 @@ def test_merge_ties_loads_in_peft_with_peft_ties_deltas(toy, tmp_path, capsys):
         a = mu.ties([torch.tensor(x, dtype=torch.float32) for x in As], wt, 0.5).numpy()
         b = mu.ties([torch.tensor(x, dtype=torch.float32) for x in Bs], wt, 0.5).numpy()
         np.testing.assert_allclose(delta, b @ a, rtol=1e-5, atol=1e-6)
+
+
+def _peft_file_deltas(folder) -> dict:
+    """{module key: ΔW = (lora_alpha / r) B @ A} read straight from a PEFT folder's safetensors (float64)."""
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert not cfg.get("use_rslora") and not cfg.get("alpha_pattern") and not cfg.get("rank_pattern")
+    t = load_file(str(folder / "adapter_model.safetensors"))
+    s = cfg["lora_alpha"] / cfg["r"]
+    return {k[: -len(".lora_A.weight")]: s * t[k.replace("lora_A", "lora_B")].astype(np.float64) @ v.astype(np.float64)
+            for k, v in t.items() if k.endswith(".lora_A.weight")}
+
+
+@pytest.fixture(scope="module")
+def smollm2_adapter(tmp_path_factory, make_peft_adapter):
+    """A real PEFT adapter of SmolLM2 (q/v of layers 0-1: small, so each merge compiles fast)."""
+    return make_peft_adapter(tmp_path_factory.mktemp("selfmerge") / "a", rank=8, alpha=16, seed=4, scale=3.0,
+                             layers_to_transform=[0, 1])
+
+
+SELF_MERGE_CASES = [(m, "factors") for m in ("ties", "dare_ties", "dare_linear", "linear", "task_arithmetic", "slerp")]
+SELF_MERGE_CASES += [("ties", "delta")]
+
+
+@pytest.mark.parametrize("method,space", SELF_MERGE_CASES, ids=[f"{m}-{s}" for m, s in SELF_MERGE_CASES])
+def test_merging_an_adapter_with_itself_returns_its_delta(smollm2_adapter, tmp_path, capsys, method, space):
+    """`genome merge --method M --weights 0.5 0.5 --density 1 --out OUT A A` (the default normalisation) writes A's
+    ΔW back (issue 11: PEFT's count normalisation gave a quarter of it for ties)."""
+    out = tmp_path / "merged"
+    rc = cli.main(["merge", "--method", method, "--space", space, "--weights", "0.5", "0.5", "--density", "1",
+                   "--out", str(out), str(smollm2_adapter), str(smollm2_adapter)])
+    assert rc == 0, capsys.readouterr().err
+    want, got = _peft_file_deltas(smollm2_adapter), _peft_file_deltas(out)
+    assert set(got) == set(want) and len(want) == 4
+    for k, w in want.items():
+        np.testing.assert_allclose(got[k], w, rtol=0, atol=1e-5 * np.abs(w).max(), err_msg=f"{method} {k}")
 
 
 def test_merge_delta_linear_is_the_best_rank_r_update(toy, tmp_path, capsys):

@@ -191,6 +191,13 @@ def test_cli_trains_experts_that_peft_loads(model_path, tmp_path, cli, smollm2_f
     assert [e["name"] for e in summary["experts"]] == ["mini", "m2"]
     log = json.loads((out / "train_log.json").read_text())
     assert len(log["experts"][0]["losses"]) == 2 and log["config"]["rank"] == 2
+    from evaluators import provenance as pv  # each folder says what its expert was trained on
+
+    mini, m2 = (pv.read_provenance(out / n) for n in ("mini", "m2"))
+    assert [(e["task"], e["split"], e["file"], e["indices"]) for e in mini["entries"]] == [
+        ("mini", "test", str(tmp_path / "mini.json"), list(range(8)))]
+    assert mini["entries"][0]["item_sha256"] == [pv.item_sha256(it) for it in items[4:]]
+    assert [(e["task"], e["split"], len(e["indices"])) for e in m2["entries"]] == [("medmcqa", "dev", 200)]
     pop = load_population([out / "mini", out / "m2"])
     assert pop.meta.rank == 2 and pop.meta.target_modules == ("q_proj", "v_proj")
     ids = torch.tensor([smollm2_tokenizer("Question: 2+2?\nA. 4\nB. 5\nAnswer:")["input_ids"]])

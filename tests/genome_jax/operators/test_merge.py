@@ -1,5 +1,5 @@
 """Merge methods against independent references: peft.utils.merge_utils (ties, dare_*, magnitude_prune, task
-arithmetic) on the same tensors and masks, numpy written from each paper's definition for the rest, and the dense
+arithmetic; with normalize="count", PEFT's semantics) on the same tensors and masks, numpy written from each paper's definition for the rest, and the dense
 truncated SVD for delta space. Also: vmapped crossover == a Python loop of single-child merges, jit and no-jit."""
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def _t(x):
 @pytest.mark.parametrize("msm", ["total", "frequency"])
 def test_ties_equals_peft(msm):
     f = _factors()
-    out = crossover(KEY, f, IDX, W, config=MergeConfig(method="ties", density=0.3, majority_sign_method=msm))
+    out = crossover(KEY, f, IDX, W, config=MergeConfig(method="ties", density=0.3, majority_sign_method=msm,
+                                                       normalize="count"))
     for x, y in zip(_leaves(f), _leaves(out)):
         for c in range(len(IDX)):
             expect = mu.ties([_t(x[i]) for i in IDX[c]], _t(W[c]), 0.3, msm).numpy()
@@ -51,8 +52,8 @@ def test_ties_equals_peft(msm):
 
 def test_magnitude_prune_and_task_arithmetic_equal_peft():
     f = _factors(1)
-    mp = crossover(KEY, f, IDX, W, config=MergeConfig(method="magnitude_prune", density=0.25))
-    ta = crossover(KEY, f, IDX, W, config=MergeConfig(method="task_arithmetic"))
+    mp = crossover(KEY, f, IDX, W, config=MergeConfig(method="magnitude_prune", density=0.25, normalize="count"))
+    ta = crossover(KEY, f, IDX, W, config=MergeConfig(method="task_arithmetic", normalize="count"))
     for x, y, z in zip(_leaves(f), _leaves(mp), _leaves(ta)):
         for c in range(len(IDX)):
             parents = [_t(x[i]) for i in IDX[c]]
@@ -67,7 +68,7 @@ def test_dare_equals_peft_with_the_same_masks(method, msm, monkeypatch):
     crossover documents for child c, leaf l) and compare."""
     density = 0.4
     f = _factors(2)
-    cfg = MergeConfig(method=method, density=density, majority_sign_method=msm or "total")
+    cfg = MergeConfig(method=method, density=density, majority_sign_method=msm or "total", normalize="count")
     out = crossover(KEY, f, IDX, W, config=cfg)
     ckeys = _child_keys(KEY, len(IDX))
     for li, (x, y) in enumerate(zip(_leaves(f), _leaves(out))):
@@ -115,7 +116,7 @@ def _breadcrumbs_numpy(x, w, density, gamma):
         mask = np.zeros(n, bool)
         mask[order[top:top + keep_n]] = True
         out += w[k] * np.where(mask, flat, 0).reshape(x.shape[1:])
-    return out
+    return out / w.sum()  # mergekit normalize=true
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.05])
@@ -228,7 +229,7 @@ def test_three_parents():
     f = _factors(11)
     idx = np.array([[0, 1, 2], [3, 4, 5]], np.int32)
     w = np.array([[0.2, 0.3, 0.5], [1.0, 1.0, 1.0]], np.float32)
-    out = crossover(KEY, f, idx, w, config=MergeConfig(method="ties", density=0.3))
+    out = crossover(KEY, f, idx, w, config=MergeConfig(method="ties", density=0.3, normalize="count"))
     for x, y in zip(_leaves(f), _leaves(out)):
         for c in range(2):
             expect = mu.ties([_t(x[i]) for i in idx[c]], _t(w[c]), 0.3).numpy()
@@ -248,7 +249,7 @@ def _best_rank(M, r):
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_delta_linear_merge_equals_truncated_svd_of_dense_dw(method):
     f = _factors(12)
-    out = crossover(KEY, f, IDX, W, config=MergeConfig(method=method, space="delta", scale=1.5))
+    out = crossover(KEY, f, IDX, W, config=MergeConfig(method=method, space="delta", scale=1.5, normalize="count"))
     for path in f:
         for c in range(len(IDX)):
             coeff = W[c] / W[c].sum() if method == "linear" else 1.5 * W[c]
@@ -272,7 +273,7 @@ def test_delta_slerp_is_slerp_of_the_dense_updates():
 def test_delta_ties_exact_svd_equals_peft_ties_on_dense_dw_then_truncation(msm):
     f = _factors(14)
     out = crossover(KEY, f, IDX, W, config=MergeConfig(method="ties", density=0.3, majority_sign_method=msm,
-                                                       space="delta", svd="exact"))
+                                                       space="delta", svd="exact", normalize="count"))
     for path in f:
         for c in range(len(IDX)):
             dense = [torch.from_numpy(_dense(f, path, i).astype(np.float32)) for i in IDX[c]]
@@ -283,7 +284,7 @@ def test_delta_ties_exact_svd_equals_peft_ties_on_dense_dw_then_truncation(msm):
 
 def test_delta_randomized_svd_is_near_optimal():
     f = _factors(15)
-    cfg = MergeConfig(method="ties", density=0.3, space="delta", svd="randomized", power_iters=2)
+    cfg = MergeConfig(method="ties", density=0.3, space="delta", svd="randomized", power_iters=2, normalize="count")
     out = crossover(KEY, f, IDX, W, config=cfg)
     for path in f:
         for c in range(len(IDX)):
