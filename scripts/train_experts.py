@@ -21,8 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-# The loglik context of a task without a loglik mode of its own (lm-eval's default for multiple choice).
-DEFAULT_CONTEXT = "Question: {question}\nAnswer:"
 EXAMPLE_FORMAT = "loglik-continuation-v1"  # enters the pool's recipe hash: change it when the example text changes
 
 
@@ -54,17 +52,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------------------------- examples
 def loglik_pairs(task: Any, items: Sequence[dict]) -> list[tuple[str, str]]:
-    """(context, gold continuation) per item: the task's own loglik request when it has that mode, else
-    DEFAULT_CONTEXT + " {gold option text}"."""
-    if "loglik" in getattr(task, "modes", ()):
-        reqs = task.build_requests(items, "loglik")
-        return [(r.prompt, r.options[list(it["choices"]).index(it["answer"])]) for it, r in zip(items, reqs)]
+    """(context, gold continuation) per item, exactly as the task's loglik mode scores the gold option: its
+    loglik_requests, flattened in label order (one request with every option for most tasks, one per option for
+    WinoGrande's partial scoring), at the gold label's position."""
+    if "loglik" not in getattr(task, "modes", ()):
+        raise _user_error(f"task '{task.name}' has no loglik mode; train-experts trains on multiple-choice tasks")
     out = []
     for it in items:
-        if not isinstance(it.get("choices"), dict) or it.get("answer") not in it["choices"]:
-            raise _user_error(f"{task.name}: item {it.get('id', it.get('_index'))} has no choices with its answer; "
-                              "train-experts needs multiple-choice items")
-        out.append((DEFAULT_CONTEXT.format(question=it["question"]), " " + str(it["choices"][it["answer"]])))
+        task.check_loglik_item(it)
+        labels = list(it["choices"])
+        if it.get("answer") not in labels:
+            raise _user_error(f"{task.name}: item {it.get('id', it.get('_index'))}: answer {it.get('answer')!r} "
+                              f"is not one of the choices {labels}")
+        pairs = [(r.prompt, o) for r in task.loglik_requests(it) for o in r.options]
+        out.append(pairs[labels.index(it["answer"])])
     return out
 
 

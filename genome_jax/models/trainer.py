@@ -475,9 +475,9 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 # Each expert trains on test[200:] of its own task and is reported on test[:200]; dev tuned the recipe.
 DEMO_TARGET = "arc_e"
 DEMO_EXPERTS: tuple[ExpertSpec, ...] = (
-    ExpertSpec("boolq", "boolq", "test", 200),
     ExpertSpec("commonsense_qa", "commonsense_qa", "test", 200),
     ExpertSpec("truthfulqa", "truthfulqa", "test", 200),
+    ExpertSpec("boolq", "boolq", "test", 200),
     ExpertSpec("openbookqa", "openbookqa", "test", 200),
 )
 DEMO_CONFIG = TrainConfig()
