@@ -1,16 +1,16 @@
-"""Train LoRA experts with optax: one adapter per task file, loss on the answer tokens only.
+"""Train LoRA experts with optax: one adapter per list of examples, loss on the answer tokens only.
 
-For a multiple-choice task an example is the task's own `choice_logprob` prompt (the text the scorers see) followed
-by the gold option (" B"); for a generate task it is the task's chat prompt followed by the reference answer
-("The answer is 42." for GSM8K) and the end-of-turn token. Examples are packed into fixed-shape rows (segment ids keep
-them apart; positions restart per example), so the jitted train step compiles once per recipe.
+The caller builds the examples (scripts/train_experts.py: a task's loglik context followed by the gold option's
+text, through `continuation_examples`), so this module knows nothing about tasks or evaluators. Examples are packed
+into fixed-shape rows (segment ids keep them apart; positions restart per example), so the jitted train step compiles
+once per recipe.
 
-    examples = task_examples(get_task("mmlu", formatter=model_path), "test", tokenizer)
-    factors, losses = train_expert(key, params, config, examples, TrainConfig(steps=30))
+    examples = continuation_examples([("Question: 2+2?\\nAnswer:", " 4")], tokenizer)
+    factors, losses, stats = train_expert(key, params, config, examples, TrainConfig(steps=30))
     # factors: Contract 1 ({module_path: {"A": (1, r, d_in), "B": (1, d_out, r)}}, scale folded into B)
 
-`ensure_demo_experts(model_path)` trains (or reuses) the demo's expert pool under
-~/.cache/genome-jax/experts/<recipe hash>/ (docs/EXPERTS.md holds the recipe).
+`ensure_pool(model_path, experts, make_examples, data_digest=...)` trains (or reuses) a pool under
+~/.cache/genome-jax/experts/<recipe hash>/ (docs/EXPERTS.md holds the recipes: DEMO_EXPERTS, QUALITY_EXPERTS).
 """
 from __future__ import annotations
 
