@@ -1,14 +1,18 @@
 """`genome demo`: the one-command end-to-end demo on SmolLM2-135M-Instruct, on this machine.
 
-    fetch the model (cached) -> train or reuse 4 LoRA experts (cached) -> start the vLLM evaluator
-    -> GENOME+ for a few generations on the target task (dev split, choice_logprob)
-    -> table on the test split: best initial expert vs evolved best vs top-k ensembles, and where the time went.
+    fetch the model (cached) -> train or reuse 4 LoRA experts (cached; docs/EXPERTS.md) -> start the vLLM evaluator
+    -> GENOME+ for a few generations on the target task (arc_e: no expert saw any of its items; dev split, loglik)
+    -> table on the test split: base model, uniform merge of the experts, best initial expert, evolved best, top-k
+       ensembles, each with the standard error of its accuracy, and whether the evolved best's gain is beyond noise;
+       demo.png (test accuracy per row, chance and base model marked); where the time went.
 
 Everything it writes goes to one run folder (default runs/demo-<time>; re-running with --output_dir resumes it).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -19,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.error = _exit_1_error  # type: ignore[method-assign]
     parser.add_argument("--output_dir", default=None, help="run folder (default runs/demo-<date-time>)")
-    parser.add_argument("--target", default=None, help="target task (default: the expert pool's, arc_c)")
+    parser.add_argument("--target", default=None, help="target task (default arc_e: no expert trained on any of its items)")
     parser.add_argument("--generations", type=int, default=3, help="GENOME+ generations (default 3)")
     parser.add_argument("--population_size", type=int, default=4,
                         help="initial population: the experts themselves, topped up with pairwise merges (default 4)")
@@ -58,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     _say("2/4 expert pool: 4 LoRA experts trained with optax on other tasks' data (trained once, then cached)")
     t = time.perf_counter()
     from genome_jax.models import trainer
+    from scripts import train_experts
 
-    lora_dir = trainer.ensure_demo_experts(model_path, progress=not args.quiet)
+    lora_dir = train_experts.ensure_pool(str(model_path), "demo", progress=not args.quiet)
     parts["experts"] = time.perf_counter() - t
     target = args.target or trainer.DEMO_TARGET
     _say(f"    experts in {lora_dir}")
@@ -68,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_run_config({
         "tasks": [target], "method": "genome_plus", "model_path": str(model_path), "lora_dir": str(lora_dir),
         "population_size": args.population_size, "max_population_size": args.max_population_size,
-        "max_iter": args.generations, "n_dev": args.n_dev, "n_test": args.n_test, "scoring": "choice_logprob",
+        "max_iter": args.generations, "n_dev": args.n_dev, "n_test": args.n_test, "scoring": "loglik",
         "ensemble_k": args.ensemble_k, "seed": args.seed, "output_dir": out_dir, "allow_overlap": args.allow_overlap,
         # the experts themselves start the population (elitism then keeps the evolved best >= the best expert
         # on dev); GENOME's random pairwise merges are `genome run`'s default
@@ -76,18 +81,101 @@ def run(args: argparse.Namespace) -> int:
     })
     cfg, out = run_loop.prepare({k: v for k, v in cfg.to_dict().items() if v is not None})
     _say(f"3/4 GENOME+ on {target}: population {cfg.population_size} -> {cfg.max_population_size}, "
-         f"{cfg.max_iter} generation{'s' * (cfg.max_iter != 1)}, fitness = accuracy on {cfg.n_dev} dev samples (choice_logprob), "
+         f"{cfg.max_iter} generation{'s' * (cfg.max_iter != 1)}, fitness = accuracy on {cfg.n_dev} dev samples (loglik), "
          f"vLLM evaluator process; run folder {out}")
     t = time.perf_counter()
     result = run_loop.run(cfg, out, progress=not args.quiet, log=lambda line: print(f"    {line}", flush=True))
     parts["run"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result["baselines"] = score_baselines(str(model_path), lora_dir, target, args.n_test, Path(out))
+    parts["baselines"] = time.perf_counter() - t
+    _write_result(Path(out) / "result.json", result)
     parts["total"] = time.perf_counter() - t0
 
     _say(f"4/4 results on the {target} test split ({result['n_test'][target]} samples)")
     print(demo_table(result, target, lora_dir))
     print(timing_lines(result, parts))
-    print(f"    files: {out}/result.json, fitness.png, metrics.jsonl, best_adapter/")
+    plot_rows(result, target, Path(out) / "demo.png")
+    print(f"    files: {out}/result.json, demo.png, fitness.png, metrics.jsonl, best_adapter/, uniform_merge/")
     return 0
+
+
+def _write_result(path: Path, result: dict) -> None:
+    """result.json again, now with the baselines (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def uniform_merge(lora_dir: Path, out: Path) -> Path:
+    """The experts' uniform linear merge, exact: ΔW = mean_i B_i A_i, written as one adapter of rank E·r
+    (A = the A_i stacked, B = the B_i / E side by side)."""
+    import numpy as np
+
+    from genome_jax.population import Population, PopulationMeta, adapter_folders, export_adapter, load_population
+
+    pop = load_population(adapter_folders(lora_dir))
+    e = pop.size
+    factors = {m: {"A": np.concatenate(list(np.asarray(ab["A"])), axis=0)[None],
+                   "B": np.concatenate(list(np.asarray(ab["B"]) / e), axis=1)[None]} for m, ab in pop.factors.items()}
+    meta = PopulationMeta(base_model=pop.meta.base_model, target_modules=pop.meta.target_modules,
+                          rank=e * pop.meta.rank, names=("uniform_merge",))
+    return export_adapter(Population(factors=factors, meta=meta), 0, out, trim=False)
+
+
+def score_baselines(model_path: str, lora_dir: Path, target: str, n_test: int, out: Path) -> dict:
+    """Test accuracy of the base model and of the uniform merge (same items, same loglik scoring as the run), and
+    the target's chance level (mean of 1 / number of options)."""
+    from evaluators.backends.base import make_evaluator
+    from evaluators.tasks.base import get_task
+
+    merged = uniform_merge(lora_dir, out / "uniform_merge")
+    rank = json.loads((merged / "adapter_config.json").read_text())["r"]
+    task = get_task(target, formatter=model_path, mode="loglik")
+    ev = make_evaluator(model_path, max_lora_rank=rank)
+    try:
+        base, uni = ev.evaluate([None, str(merged)], [task], "test", n_test)
+    finally:
+        ev.close()
+    items = task.load("test", n_test)
+    return {"base": base.tasks[task.name].score, "uniform_merge": uni.tasks[task.name].score,
+            "chance": sum(1.0 / len(it["choices"]) for it in items) / len(items), "n": len(items)}
+
+
+def stderr(acc: float, n: int) -> float:
+    """Standard error of an accuracy measured on n items (binomial)."""
+    return math.sqrt(max(acc * (1.0 - acc), 0.0) / max(n, 1))
+
+
+def _rows(result: dict, target: str) -> list[tuple[str, float | None, float]]:
+    exp = result["best_initial_expert"]
+    rows = []
+    if "baselines" in result:
+        rows += [("base model (no adapter)", None, result["baselines"]["base"]),
+                 ("uniform merge of the experts", None, result["baselines"]["uniform_merge"])]
+    rows += [("best initial expert" + f" ({exp['name']})", exp.get("dev_fitness"), exp["test_scores"][target]),
+             ("GENOME+ evolved best", result["best"]["dev_fitness"], result["best"]["test_scores"][target])]
+    for e in result["ensembles"]:
+        rows.append((f"ensemble of top {e['k']} (dev-ranked)", None, e["test_scores"][target]))
+    return rows
+
+
+def verdict(result: dict, target: str) -> str:
+    """Is the evolved best's test gain over the best initial expert (and the base model) beyond noise? Beyond noise
+    = more than two standard errors of the difference of two independent accuracies (sqrt(se1^2 + se2^2); the
+    paired error is smaller, so this errs towards "within noise")."""
+    n = result["n_test"][target]
+    best = result["best"]["test_scores"][target]
+    refs = [("the best initial expert", result["best_initial_expert"]["test_scores"][target])]
+    if "baselines" in result:
+        refs += [("the base model", result["baselines"]["base"]), ("the uniform merge", result["baselines"]["uniform_merge"])]
+    parts = []
+    for name, ref in refs:
+        d = best - ref
+        se = math.hypot(stderr(best, n), stderr(ref, n))
+        parts.append(f"{100 * d:+.1f} points vs {name} ({'beyond' if abs(d) > 2 * se else 'within'} noise: "
+                     f"2 SE = {200 * se:.1f})")
+    return "    evolved best: " + "; ".join(parts)
 
 
 def _n_experts(lora_dir: Path) -> int:
@@ -96,19 +184,45 @@ def _n_experts(lora_dir: Path) -> int:
     return len(adapter_folders(lora_dir))
 
 
-def demo_table(result: dict, target: str, lora_dir: Path) -> str:
+def demo_table(result: dict, target: str, lora_dir: Path | None) -> str:
+    """Rows (dev %, test %, standard error of the test accuracy in points), then the chance level and the verdict."""
     def f(x):
         return "     -" if x is None else f"{100 * x:6.1f}"
 
-    exp = result["best_initial_expert"]
-    rows = [("best initial expert" + f" ({exp['name']})", exp.get("dev_fitness"), exp["test_scores"][target]),
-            ("GENOME+ evolved best", result["best"]["dev_fitness"], result["best"]["test_scores"][target])]
-    for e in result["ensembles"]:
-        rows.append((f"ensemble of top {e['k']} (dev-ranked)", None, e["test_scores"][target]))
+    n = result["n_test"][target]
+    rows = _rows(result, target)
     width = max(len(r[0]) for r in rows) + 2
-    lines = [f"    {'':{width}}{'dev %':>7}{'test %':>8}"]
-    lines += [f"    {name:{width}}{f(dev):>7}{f(test):>8}" for name, dev, test in rows]
+    lines = [f"    {'':{width}}{'dev %':>7}{'test %':>8}{'± SE':>7}"]
+    lines += [f"    {name:{width}}{f(dev):>7}{f(test):>8}{100 * stderr(test, n):>7.1f}" for name, dev, test in rows]
+    if "baselines" in result:
+        lines.append(f"    chance level {100 * result['baselines']['chance']:.1f}%; {n} test items")
+    lines.append(verdict(result, target))
     return "\n".join(lines)
+
+
+def plot_rows(result: dict, target: str, path: Path) -> None:
+    """Bar chart of the test accuracy per row (± 1 SE), the chance level and the base model as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = result["n_test"][target]
+    rows = _rows(result, target)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, [100 * r[2] for r in rows], xerr=[100 * stderr(r[2], n) for r in rows], color="#4c72b0", capsize=3)
+    ax.set_yticks(y, [r[0] for r in rows])
+    if "baselines" in result:
+        ax.axvline(100 * result["baselines"]["chance"], color="grey", ls=":", label="chance")
+        ax.axvline(100 * result["baselines"]["base"], color="#c44e52", ls="--", label="base model")
+        ax.legend(loc="lower right")
+    ax.set_xlabel(f"{target} test accuracy, % ({n} items, ± 1 SE)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def timing_lines(result: dict, parts: dict[str, float]) -> str:
@@ -120,7 +234,8 @@ def timing_lines(result: dict, parts: dict[str, float]) -> str:
             f"{evo.get('total', 0.0):.1f}s "
             f"[operators {evo.get('operators', 0.0):.1f}s, export {evo.get('export', 0.0):.1f}s, "
             f"scoring {evo.get('scoring', 0.0):.1f}s, checkpoints {evo.get('checkpoint', 0.0):.1f}s] | "
-            f"test split + ensembles {fin.get('total', 0.0):.1f}s | total {parts['total']:.1f}s")
+            f"test split + ensembles {fin.get('total', 0.0):.1f}s | "
+            f"baselines {parts.get('baselines', 0.0):.1f}s | total {parts['total']:.1f}s")
 
 
 if __name__ == "__main__":

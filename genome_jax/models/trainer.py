@@ -1,16 +1,16 @@
-"""Train LoRA experts with optax: one adapter per task file, loss on the answer tokens only.
+"""Train LoRA experts with optax: one adapter per list of examples, loss on the answer tokens only.
 
-For a multiple-choice task an example is the task's own `choice_logprob` prompt (the text the scorers see) followed
-by the gold option (" B"); for a generate task it is the task's chat prompt followed by the reference answer
-("The answer is 42." for GSM8K) and the end-of-turn token. Examples are packed into fixed-shape rows (segment ids keep
-them apart; positions restart per example), so the jitted train step compiles once per recipe.
+The caller builds the examples (scripts/train_experts.py: a task's loglik context followed by the gold option's
+text, through `continuation_examples`), so this module knows nothing about tasks or evaluators. Examples are packed
+into fixed-shape rows (segment ids keep them apart; positions restart per example), so the jitted train step compiles
+once per recipe.
 
-    examples = task_examples(get_task("mmlu", formatter=model_path), "test", tokenizer)
-    factors, losses = train_expert(key, params, config, examples, TrainConfig(steps=30))
+    examples = continuation_examples([("Question: 2+2?\\nAnswer:", " 4")], tokenizer)
+    factors, losses, stats = train_expert(key, params, config, examples, TrainConfig(steps=30))
     # factors: Contract 1 ({module_path: {"A": (1, r, d_in), "B": (1, d_out, r)}}, scale folded into B)
 
-`ensure_demo_experts(model_path)` trains (or reuses) the demo's expert pool under
-~/.cache/genome-jax/experts/<recipe hash>/ (docs/EXPERTS.md holds the recipe).
+`ensure_pool(model_path, experts, make_examples, data_digest=...)` trains (or reuses) a pool under
+~/.cache/genome-jax/experts/<recipe hash>/ (docs/EXPERTS.md holds the recipes: DEMO_EXPERTS, QUALITY_EXPERTS).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -52,15 +53,15 @@ class TrainConfig:
     rank: int = 8
     alpha: float = 16.0  # LoRA scale alpha / rank while training; folded into B on export
     targets: tuple[str, ...] = llama.LORA_MODULES
-    steps: int = 24
-    lr: float = 2e-3
-    warmup_steps: int = 2
+    steps: int = 30
+    lr: float = 1e-3
+    warmup_steps: int = 3
     end_lr_ratio: float = 0.1  # cosine decays to lr * end_lr_ratio
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_rows: int = 2
     seq_len: int = 256  # row length; longer examples are skipped
-    max_targets: int = 32  # answer tokens per row (loss positions)
+    max_targets: int = 128  # answer tokens per row (loss positions): room for several option texts per row
     max_choices: int = 16  # option tokens per answer for the "choice" loss
     loss: str = "choice"  # "choice": softmax over the options' tokens; "token": over the whole vocabulary
     seed: int = 0
@@ -93,26 +94,49 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExpertSpec:
-    """NAME=TASK[:split]: train expert NAME on `split` (default test) of TASK (a registered name or a task file)."""
+    """NAME=TASK[:split[start:stop]]: train expert NAME on items [start:stop) of `split` (default: all of test) of
+    TASK (a registered name or a task file).
+
+    held_out(): the items the expert never saw and is reported on: the rest of the same split when a slice is
+    given (test[200:] -> test[:200]), else the other split (test -> dev)."""
 
     name: str
     task: str
     split: str = "test"
+    start: int = 0
+    stop: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> "ExpertSpec":
         if "=" not in text:
-            raise UserError(f"--experts entry {text!r}: expected NAME=TASKFILE[:split]")
+            raise UserError(f"--experts entry {text!r}: expected NAME=TASKFILE[:split[start:stop]]")
         name, rest = text.split("=", 1)
         if not name or "/" in name or name.startswith("."):
             raise UserError(f"--experts entry {text!r}: invalid expert name {name!r}")
-        split = "test"
-        head, sep, tail = rest.rpartition(":")
-        if sep and tail in SPLITS:
-            rest, split = head, tail
+        split, start, stop = "test", 0, None
+        m = re.fullmatch(r"(.*):(dev|test)(?:\[(\d*):(\d*)\])?", rest, flags=re.DOTALL)
+        if m:
+            rest, split = m.group(1), m.group(2)
+            start = int(m.group(3) or 0)
+            stop = int(m.group(4)) if m.group(4) else None
+            if stop is not None and stop <= start:
+                raise UserError(f"--experts entry {text!r}: empty slice [{start}:{stop}]")
         if not rest:
             raise UserError(f"--experts entry {text!r}: no task given")
-        return cls(name=name, task=rest, split=split)
+        return cls(name=name, task=rest, split=split, start=start, stop=stop)
+
+    @property
+    def label(self) -> str:
+        sl = "" if (self.start, self.stop) == (0, None) else f"[{self.start}:{'' if self.stop is None else self.stop}]"
+        return f"{self.task}:{self.split}{sl}"
+
+    def held_out(self) -> tuple[str, int, int | None]:
+        """(split, start, stop) of the items this expert is reported on (never trained on)."""
+        if self.start > 0 and self.stop is None:
+            return self.split, 0, self.start
+        if self.start == 0 and self.stop is not None:
+            return self.split, self.stop, None
+        return ("dev" if self.split == "test" else "test"), 0, None  # whole split (or a middle slice): the other
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -165,6 +189,25 @@ def task_examples(task: Any, split: str, tokenizer: Any, *, max_len: int | None 
                 answer.append(int(eos))
         if max_len is None or len(prompt) + len(answer) <= max_len:
             out.append(Example(tokens=tuple(prompt + answer), n_target=len(answer), options=options))
+    return out
+
+
+def continuation_examples(pairs: Sequence[tuple[str, str]], tokenizer: Any, *, max_len: int | None = None
+                          ) -> list[Example]:
+    """Examples (context, continuation) -> tokens, loss on the continuation's tokens (whole-vocabulary softmax).
+
+    Tokenised as the scorers tokenise a choice request (genome_jax.models.scorer): encode(context) with the
+    tokenizer's default special tokens, then encode(continuation) without, so training raises exactly the
+    log-likelihood that loglik scoring sums for the gold option (context "Question: ...\\nAnswer:", continuation
+    " {gold option}"). Pairs longer than max_len tokens are dropped."""
+    out = []
+    for context, continuation in pairs:
+        prompt = list(tokenizer(context)["input_ids"])
+        answer = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        if not answer:
+            raise UserError(f"empty continuation after context {context[:60]!r}")
+        if max_len is None or len(prompt) + len(answer) <= max_len:
+            out.append(Example(tokens=tuple(prompt + answer), n_target=len(answer)))
     return out
 
 
@@ -342,27 +385,15 @@ def base_model_name(model_path: str | os.PathLike) -> str:
     return os.fspath(model_path)
 
 
-def _get_task(spec: ExpertSpec, model_path: str | os.PathLike):
-    # evaluators.tasks is a sibling package; the trainer uses it (lazily) so experts train on the scorer's prompts.
-    from evaluators.tasks.base import get_task
+def train_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], examples: Sequence[Sequence[Example]],
+               out_dir: str | os.PathLike, cfg: TrainConfig, *, progress: bool = True,
+               log: Callable[[str], None] | None = None) -> dict:
+    """Train expert i on examples[i] and write out_dir/<name>/ (PEFT folders) + out_dir/train_log.json.
 
-    return get_task(spec.task, formatter=os.fspath(model_path))
-
-
-def held_out_split(split: str) -> str:
-    return "dev" if split == "test" else "test"
-
-
-def train_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], out_dir: str | os.PathLike,
-               cfg: TrainConfig, *, eval_n: int = 0, progress: bool = True, log: Callable[[str], None] | None = None
-               ) -> dict:
-    """Train one expert per spec and write out_dir/<name>/ (PEFT folders) + out_dir/train_log.json.
-
-    eval_n > 0: also score each expert and the base model on the first eval_n items of its task's other split
-    (choice_logprob tasks; the JAX scorer), recorded in the log. Returns the log dict."""
-    from transformers import AutoTokenizer
-
-    from genome_jax.population import Population, PopulationMeta, export_population
+    The caller builds the examples (scripts/train_experts.py: the task's loglik context + the gold option's text),
+    so genome_jax knows nothing about tasks. Returns the log dict (recipe, per-expert loss curve, tokens, seconds,
+    the training slice and the held-out slice of every expert)."""
+    from genome_jax.population import Population, PopulationMeta, export_adapter
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     names = [e.name for e in experts]
@@ -370,101 +401,45 @@ def train_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], out
         raise UserError("no experts given")
     if len(set(names)) != len(names):
         raise UserError(f"expert names must be unique, got {names}")
+    if len(examples) != len(experts):
+        raise ValueError(f"examples: one list per expert expected, got {len(examples)} for {len(experts)}")
     out_dir = Path(out_dir)
-    tasks = [_get_task(e, model_path) for e in experts]  # fails fast on unknown tasks
     config, params = llama.load_params(model_path, dtype=jnp.dtype(cfg.dtype))
-    tokenizer = AutoTokenizer.from_pretrained(os.fspath(model_path), local_files_only=True)
-    factors_list, entries = [], []
+    entries = []
     key = jax.random.key(cfg.seed)
-    for i, (spec, task) in enumerate(zip(experts, tasks)):
-        examples = task_examples(task, spec.split, tokenizer, max_len=cfg.seq_len)
-        if not examples:
-            raise UserError(f"expert {spec.name}: no example of {spec.task}:{spec.split} fits seq_len={cfg.seq_len}")
+    for i, (spec, exs) in enumerate(zip(experts, examples)):
+        if not exs:
+            raise UserError(f"expert {spec.name}: no example of {spec.label} fits seq_len={cfg.seq_len}")
         bar = _bar(cfg.steps, f"expert {spec.name}", progress)
-        curve: list[float] = []
 
-        def on_step(step, loss, ntok, bar=bar, curve=curve):
-            curve.append(loss)
+        def on_step(step, loss, ntok, bar=bar):
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 bar.update(1)
 
-        factors, losses, stats = train_expert(jax.random.fold_in(key, i), params, config, examples, cfg,
-                                              on_step=on_step)
+        factors, losses, stats = train_expert(jax.random.fold_in(key, i), params, config, exs, cfg, on_step=on_step)
         if bar is not None:
             bar.close()
         tok_s = stats["tokens"] / max(stats["seconds"], 1e-9)
-        log(f"expert {spec.name} ({spec.task}:{spec.split}, {len(examples)} examples): loss {_curve(losses)} "
+        log(f"expert {spec.name} ({spec.label}, {len(exs)} examples): loss {_curve(losses)} "
             f"| {stats['seconds']:.1f}s, {tok_s:.0f} tokens/s")
-        factors_list.append(factors)
-        entries.append({"name": spec.name, "task": spec.task, "split": spec.split, "examples": len(examples),
-                        "losses": [round(x, 5) for x in losses], **stats})
-    stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *factors_list)
-    pop = Population(factors=stacked, meta=PopulationMeta(
-        base_model=base_model_name(model_path), target_modules=tuple(sorted(cfg.targets)), rank=cfg.rank,
-        names=tuple(names)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    export_population(pop, out_dir)
-    write_provenance_files(out_dir, experts, tasks)
+        ho_split, ho_start, ho_stop = spec.held_out()
+        entry = {"name": spec.name, "task": spec.task, "split": spec.split, "start": spec.start, "stop": spec.stop,
+                 "held_out": {"split": ho_split, "start": ho_start, "stop": ho_stop}, "examples": len(exs),
+                 "losses": [round(x, 5) for x in losses], **stats}
+        entries.append(entry)
+        # written as soon as it is trained: a long pool that stops half-way keeps its finished experts
+        pop = Population(factors=factors, meta=PopulationMeta(
+            base_model=base_model_name(model_path), target_modules=tuple(sorted(cfg.targets)), rank=cfg.rank,
+            names=(spec.name,)))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        export_adapter(pop, 0, out_dir / spec.name)
+        # what the adapter was trained on and is reported on, next to its weights
+        _write_json_atomic(out_dir / spec.name / "expert.json",
+                           {k: entry[k] for k in ("name", "task", "split", "start", "stop", "held_out", "examples")})
     result = {"model_path": os.fspath(model_path), "config": _cfg_json(cfg), "experts": entries}
-    if eval_n > 0:
-        if cfg.dtype != "float32":  # score in float32, as the reference scorers do
-            del params
-            config, params = llama.load_params(model_path, dtype=jnp.float32)
-        result["eval"] = evaluate_experts(params, config, tokenizer, pop.factors, experts, tasks, eval_n, log=log)
     _write_json_atomic(out_dir / "train_log.json", result)
     return result
-
-
-def write_provenance_files(out_dir: Path, experts: Sequence[ExpertSpec], tasks: Sequence[Any]) -> None:
-    """out_dir/<name>/genome_provenance.json for each expert: the task file, split, item indices and item-text
-    hashes it was trained on (evaluators.provenance; `genome run` refuses tasks whose dev/test items are among them).
-    Records every item of the split task_examples read, over-long ones included: the check errs towards refusing."""
-    from evaluators import provenance  # like _get_task: the experts train on the evaluators' task files
-
-    for spec, task in zip(experts, tasks):
-        entry = provenance.make_entry(task.name, getattr(task, "path", None), spec.split, task.load(spec.split))
-        provenance.write_provenance(out_dir / spec.name, [entry])
-
-
-def evaluate_experts(params, config, tokenizer, factors, experts, tasks, n: int, *, log) -> list[dict]:
-    """Accuracy of each expert and of the base model on n held-out items of the expert's own task."""
-    from genome_jax.models.scorer import score_population
-
-    out = []
-    for i, (spec, task) in enumerate(zip(experts, tasks)):
-        if "choice_logprob" not in getattr(task, "modes", ()):
-            log(f"expert {spec.name}: {spec.task} has no choice_logprob mode; not evaluated")
-            continue
-        split = held_out_split(spec.split)
-        items = task.load(split, n)
-        reqs = task.build_requests(items, "choice_logprob")
-        one = jax.tree.map(lambda x: x[i : i + 1], factors)
-        both = jax.tree.map(lambda x: jnp.concatenate([x, jnp.zeros_like(x)]), one)  # [expert, base (ΔW = 0)]
-        lp = score_population(params, config, both, reqs, tokenizer)
-        gold = np.array([list(it["choices"]).index(it["answer"]) for it in items])
-        acc = [float((np.nanargmax(lp[p], axis=-1) == gold).mean()) for p in range(2)]
-        changed = float((np.nanargmax(lp[0], -1) != np.nanargmax(lp[1], -1)).mean())
-        log(f"expert {spec.name}: {spec.task}:{split}[:{len(items)}] accuracy {acc[0]:.3f} vs base {acc[1]:.3f} "
-            f"({changed:.0%} of predictions changed)")
-        out.append({"name": spec.name, "task": spec.task, "split": split, "n": len(items), "expert_accuracy": acc[0],
-                    "base_accuracy": acc[1], "changed_predictions": changed})
-    return out
-
-
-def evaluate_pool(model_path: str | os.PathLike, lora_dir: str | os.PathLike, experts: Sequence[ExpertSpec], n: int,
-                  *, log: Callable[[str], None] | None = None) -> list[dict]:
-    """`evaluate_experts` for a trained pool on disk (lora_dir/<expert name>/), scored in float32."""
-    from transformers import AutoTokenizer
-
-    from genome_jax.population import load_population
-
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    pop = load_population([Path(lora_dir) / e.name for e in experts])
-    config, params = llama.load_params(model_path, dtype=jnp.float32)
-    tokenizer = AutoTokenizer.from_pretrained(os.fspath(model_path), local_files_only=True)
-    tasks = [_get_task(e, model_path) for e in experts]
-    return evaluate_experts(params, config, tokenizer, pop.factors, experts, tasks, n, log=log)
 
 
 def _curve(losses: Sequence[float], points: int = 6) -> str:
@@ -495,30 +470,35 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- demo pool
-# The demo's target is arc_c (its dev/test stay clean); experts come from four other task files, trained on their
-# test portions; their dev portions are the held-out checks.
-DEMO_TARGET = "arc_c"
+# Targets: arc_e, piqa and hellaswag, where the base model is above chance under loglik scoring, stay untouched by
+# every expert (no item of theirs is trained on), so they can serve as evolution targets and zero-shot tasks.
+# Each expert trains on test[200:] of its own task and is reported on test[:200]; dev tuned the recipe.
+DEMO_TARGET = "arc_e"
 DEMO_EXPERTS: tuple[ExpertSpec, ...] = (
-    ExpertSpec("mmlu", "mmlu", "test"),
-    ExpertSpec("medmcqa", "medmcqa", "test"),
-    ExpertSpec("truthfulqa", "truthfulqa", "test"),
-    ExpertSpec("hellaswag", "hellaswag", "test"),
+    ExpertSpec("commonsense_qa", "commonsense_qa", "test", 200),
+    ExpertSpec("truthfulqa", "truthfulqa", "test", 200),
+    ExpertSpec("boolq", "boolq", "test", 200),
+    ExpertSpec("openbookqa", "openbookqa", "test", 200),
 )
 DEMO_CONFIG = TrainConfig()
+# The larger pool (genome bench quality): the demo's four plus two more sources, same recipe.
+QUALITY_EXPERTS: tuple[ExpertSpec, ...] = DEMO_EXPERTS + (
+    ExpertSpec("arc_c", "arc_c", "test", 200),
+    ExpertSpec("mmlu", "mmlu", "test", 200),
+)
+QUALITY_CONFIG = TrainConfig()
 
 
-def recipe_hash(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], cfg: TrainConfig) -> str:
-    """Identity of a pool: the model's weights (manifest sha or file size+mtime), the expert specs, the task file
-    contents, the config and the trainer version."""
-    h = hashlib.sha256(b"genome-experts-v1\n")
+def recipe_hash(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], cfg: TrainConfig,
+                data_digest: str = "") -> str:
+    """Identity of a pool: the model's weights (manifest sha or folder name), the expert specs, the config, the
+    trainer version, and data_digest (the caller's hash of the training data: task files, example format)."""
+    h = hashlib.sha256(b"genome-experts-v2\n")
     man = Path(model_path) / "manifest.json"
     h.update(man.read_bytes() if man.is_file() else os.fspath(model_path).encode())
     h.update(json.dumps([dataclasses.asdict(e) for e in experts], sort_keys=True).encode())
     h.update(json.dumps(_cfg_json(cfg), sort_keys=True).encode())
-    for e in experts:
-        path = getattr(_get_task(e, model_path), "path", None)
-        if path and os.path.isfile(path):
-            h.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    h.update(data_digest.encode())
     return h.hexdigest()[:16]
 
 
@@ -529,15 +509,18 @@ def experts_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "genome-jax") / "experts"
 
 
-def ensure_demo_experts(model_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-                        experts: Sequence[ExpertSpec] = DEMO_EXPERTS, cfg: TrainConfig = DEMO_CONFIG,
-                        progress: bool = True) -> Path:
-    """The demo's expert pool (a folder of PEFT adapters), trained once and cached by recipe hash under
+def ensure_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec],
+                make_examples: Callable[[], Sequence[Sequence[Example]]], *, data_digest: str,
+                cfg: TrainConfig = DEMO_CONFIG, cache_dir: str | os.PathLike | None = None,
+                annotate: Callable[[Path], None] | None = None, progress: bool = True) -> Path:
+    """A pool of experts (a folder of PEFT adapters), trained once and cached by recipe hash under
     <cache>/experts/<hash>/ (cache: cache_dir, else $GENOME_JAX_CACHE/experts, else ~/.cache/genome-jax/experts).
-    Concurrent callers wait on a lock; a finished pool holds a READY file and is never rewritten."""
+    make_examples() (called only when training is needed) gives one example list per expert; data_digest names
+    that data in the hash; annotate(folder), if given, adds files (provenance) before the pool is marked READY.
+    Concurrent callers wait on a lock; a finished pool holds READY and is never rewritten."""
     root = experts_cache_root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    digest = recipe_hash(model_path, experts, cfg)
+    digest = recipe_hash(model_path, experts, cfg, data_digest)
     dest = root / digest
     if (dest / "READY").is_file():
         return dest
@@ -547,7 +530,9 @@ def ensure_demo_experts(model_path: str | os.PathLike, *, cache_dir: str | os.Pa
             return dest
         tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.tmp-", dir=root))
         try:
-            train_pool(model_path, experts, tmp, cfg, progress=progress)
+            train_pool(model_path, experts, make_examples(), tmp, cfg, progress=progress)
+            if annotate is not None:
+                annotate(tmp)
             (tmp / "READY").write_text(digest + "\n")
             if dest.exists():  # a stale, unfinished folder from an older layout
                 shutil.rmtree(dest)

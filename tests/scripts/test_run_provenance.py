@@ -89,19 +89,21 @@ def test_result_json_records_each_experts_provenance(pool, tmp_path, capsys):
     assert list(prov["unparseable"]) == ["e2"] and "not valid JSON" in prov["unparseable"]["e2"]
 
 
-def test_the_trainer_writes_what_each_expert_was_trained_on(tmp_path):
+def test_the_trainer_writes_what_each_expert_was_trained_on(tmp_path, model_path):
     from genome_jax.models import trainer
+    from scripts import train_experts
 
-    specs = [trainer.ExpertSpec("m", "mmlu", "test"), trainer.ExpertSpec("h", "hellaswag", "dev")]
-    tasks = [get_task("mmlu"), get_task("hellaswag")]
+    specs = [trainer.ExpertSpec("m", "mmlu", "test"), trainer.ExpertSpec("h", "hellaswag", "dev"),
+             trainer.ExpertSpec.parse("c=commonsense_qa:test[200:]")]
+    tasks = [get_task("mmlu"), get_task("hellaswag"), get_task("commonsense_qa")]
     for s in specs:
         (tmp_path / s.name).mkdir()
-    trainer.write_provenance_files(tmp_path, specs, tasks)
+    train_experts.write_provenance(tmp_path, str(model_path), specs)
     for s, t in zip(specs, tasks):
         got = pv.read_provenance(tmp_path / s.name)
-        items = t.load(s.split)
+        items = t.load(s.split)[s.start:s.stop]  # exactly the training slice
         assert got["status"] == "known" and len(got["entries"]) == 1
         e = got["entries"][0]
         assert (e["task"], e["split"], e["file"]) == (t.name, s.split, t.path)
-        assert e["indices"] == list(range(len(items)))
+        assert e["indices"] == list(range(s.start, s.start + len(items)))
         assert e["item_sha256"] == [pv.item_sha256(it) for it in items]

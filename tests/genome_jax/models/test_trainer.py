@@ -45,6 +45,31 @@ def test_config_and_spec_validation():
         trainer.ExpertSpec.parse("mmlu")
     with pytest.raises(UserError, match="invalid expert name"):
         trainer.ExpertSpec.parse("../x=mmlu")
+    # slices: the rest of the split is held out; a whole split holds out the other one
+    s = trainer.ExpertSpec.parse("b=/x/b.json:test[200:]")
+    assert s == trainer.ExpertSpec("b", "/x/b.json", "test", 200, None) and s.held_out() == ("test", 0, 200)
+    assert trainer.ExpertSpec.parse("b=boolq:dev[:50]").held_out() == ("dev", 50, None)
+    assert trainer.ExpertSpec.parse("b=boolq:test").held_out() == ("dev", 0, None)
+    assert trainer.ExpertSpec.parse("b=boolq:test[200:]").label == "boolq:test[200:]"
+    with pytest.raises(UserError, match="empty slice"):
+        trainer.ExpertSpec.parse("b=boolq:test[5:5]")
+
+
+def test_continuation_examples_put_the_loss_on_the_continuation_tokens(smollm2_tokenizer):
+    """Tokenised as the scorer tokenises a choice request: the example is the scorer's sequence for that option."""
+    from genome_jax.models.scorer import encode_requests
+
+    class Req:
+        prompt, options = "Question: Where do you keep leftover cake?\nAnswer:", (" refrigerator", " oven")
+
+    ex, = trainer.continuation_examples([(Req.prompt, Req.options[0])], smollm2_tokenizer)
+    enc = encode_requests([Req], smollm2_tokenizer)
+    target = [t for t in enc.targets for t in t if t[2] == 0]  # option 0's scored tokens
+    seq = next(s for s, tg in zip(enc.seqs, enc.targets) if any(t[2] == 0 for t in tg))
+    assert ex.n_target == len(target) and list(ex.tokens[-ex.n_target:]) == [t[1] for t in target]
+    assert list(ex.tokens[:-1]) == seq[: len(ex.tokens) - 1]
+    assert smollm2_tokenizer.decode(ex.tokens[-ex.n_target:]) == " refrigerator"
+    assert trainer.continuation_examples([(Req.prompt, Req.options[0])], smollm2_tokenizer, max_len=5) == []
 
 
 def test_packing_places_every_example_and_its_targets():
