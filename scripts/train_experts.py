@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from genome_jax import stopping
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from genome_jax.models.trainer import DEMO_CONFIG as D
@@ -44,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # SIGTERM/SIGINT: stop cleanly with one line; the pool is written at the end, so a re-run redoes it whole
+    with stopping.graceful_stop(lambda: "before the experts were written"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from genome_jax.errors import UserError
     from genome_jax.models import trainer
 
