@@ -97,6 +97,10 @@ def entry() -> None:
     if "--debug" not in sys.argv[1:] and os.environ.get("GENOME_DEBUG") != "1":
         quiet_errors.install()
     rc = main()
+    if rc in (128 + 2, 128 + 15):  # stopped by SIGINT / SIGTERM: saved and closed already; skip the interpreter's
+        sys.stdout.flush()        # teardown of JAX/orbax threads (seconds on a busy machine): out now
+        sys.stderr.flush()
+        os._exit(rc)
     if rc:
         _silence_stderr()
     sys.exit(rc)

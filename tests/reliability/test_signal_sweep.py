@@ -26,6 +26,9 @@ import pytest
 
 from rel_helpers import SYNTHETIC, assert_same_outcome, describe, genome, orphans
 
+# 80 processes: about 5 minutes on an idle 2-core machine, much more on a busy one (pytest-timeout is 900 s per test)
+pytestmark = pytest.mark.timeout(3600)
+
 SEED = 15
 N_POINTS = 20  # per signal
 GROUPS = {
