@@ -491,12 +491,15 @@ def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print,
     One writer per folder: raises UserError at once when another live run holds `out_dir` (genome_jax.run_lock).
     data_changes: what `check_data` found changed and --allow-data-change accepted (recorded in result.json)."""
     created = not out_dir.exists()
+    had_lock_file = (out_dir / run_lock.LOCK_NAME).exists()
     try:
         with run_lock.hold(out_dir):
             return _run(cfg, out_dir, progress=progress, log=log, created=created, data_changes=data_changes)
-    except BaseException:  # refused before writing anything (e.g. experts that do not fit the model): no folder left
-        if created and out_dir.is_dir() and [p.name for p in out_dir.iterdir()] == [run_lock.LOCK_NAME]:
-            shutil.rmtree(out_dir, ignore_errors=True)
+    except BaseException:  # refused before writing anything (e.g. experts that do not fit the model): leave no trace
+        if not had_lock_file and not (out_dir / RUN_CONFIG).exists():
+            (out_dir / run_lock.LOCK_NAME).unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(out_dir, ignore_errors=True)
         raise
 
 
