@@ -169,6 +169,18 @@ def _quiet_storage_logs() -> None:
 
 # ---- orbax ----
 
+def _remove_orbax_temps(directory: Path) -> None:
+    """Delete the `<step>.orbax-checkpoint-tmp*` folders a killed save left, now and in this thread. orbax would
+    also clean them, but in a background thread racing with the first save of the resumed run (which may write the
+    same step again): that race failed a resume with `Directory not empty: 'state.orbax-checkpoint-tmp'`. The
+    caller owns the folder (one writer per run folder: genome_jax.run_lock)."""
+    for p in directory.glob("*.orbax-checkpoint-tmp*"):
+        for _ in range(3):  # a file system slow to forget deleted entries: try again (then orbax tries too)
+            shutil.rmtree(p, ignore_errors=True)
+            if not p.exists():
+                break
+
+
 def _manager(directory: Path, *, keep: int, async_save: bool, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
@@ -255,6 +267,7 @@ class RunCheckpointer:
         self.directory.mkdir(parents=True, exist_ok=True)
         for leftover in self.directory.glob(f".{CONFIG_NAME}.tmp*"):
             leftover.unlink(missing_ok=True)
+        _remove_orbax_temps(self.directory)
         _quiet_closed_loop_noise()  # a save aborted by a full disk leaves the same in-flight noise as a bad restore
         _quiet_storage_logs()
         self._mgr = _manager(self.directory, keep=keep, async_save=async_save)

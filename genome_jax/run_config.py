@@ -425,11 +425,40 @@ def _validate_placement(cfg: RunConfig) -> None:
             raise UserError(f"--ray_actors must be at least 1, got {cfg.ray_actors}")
 
 
-def save_run_config(cfg: RunConfig, path: str | os.PathLike) -> None:
-    """Write the config as JSON atomically (temp name in the same folder, then rename)."""
+DATA_KEY = "data_sha256"  # run_config.json: {file: sha256} of the task and adapter files fitness reads
+
+
+def file_digests(paths) -> dict[str, str]:
+    """{absolute path: sha256 hex} of each file (a missing one maps to "missing")."""
+    import hashlib
+
+    out = {}
+    for p in paths:
+        p = Path(p).absolute()
+        h = hashlib.sha256()
+        try:
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[str(p)] = h.hexdigest()
+        except FileNotFoundError:
+            out[str(p)] = "missing"
+    return out
+
+
+def data_differences(saved: Mapping[str, str], now: Mapping[str, str]) -> list[dict[str, str]]:
+    """[{"file", "was", "now"}] for each file whose digest differs, appeared or disappeared (sorted by file)."""
+    return [{"file": f, "was": saved.get(f, "absent"), "now": now.get(f, "absent")}
+            for f in sorted(set(saved) | set(now)) if saved.get(f) != now.get(f)]
+
+
+def save_run_config(cfg: RunConfig, path: str | os.PathLike, data: Mapping[str, str] | None = None) -> None:
+    """Write the config as JSON atomically (temp name in the same folder, then rename); `data`: file digests of the
+    data the run starts with (`file_digests`), stored under DATA_KEY."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    d = cfg.to_dict() if data is None else {**cfg.to_dict(), DATA_KEY: dict(data)}
+    tmp.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     from genome_jax import faults
 
     faults.point("run_config_temp_written")
@@ -437,8 +466,15 @@ def save_run_config(cfg: RunConfig, path: str | os.PathLike) -> None:
 
 
 def run_config_from_dict(d: Mapping[str, Any], where: str) -> RunConfig:
-    """Rebuild a RunConfig from `to_dict()` output (e.g. a saved run_config.json); unknown keys are an error."""
-    return RunConfig(**_normalise_keys(d, where))
+    """Rebuild a RunConfig from `to_dict()` output (e.g. a saved run_config.json); unknown keys are an error
+    (the data digests under DATA_KEY are not config keys: `saved_data_digests` reads them)."""
+    return RunConfig(**_normalise_keys({k: v for k, v in d.items() if k != DATA_KEY}, where))
+
+
+def saved_data_digests(d: Mapping[str, Any]) -> dict[str, str] | None:
+    """The data digests of a saved run_config.json mapping (None: a run saved before they were recorded)."""
+    data = d.get(DATA_KEY)
+    return dict(data) if isinstance(data, dict) else None
 
 
 def describe_mismatch(saved: RunConfig, wanted: RunConfig) -> str:

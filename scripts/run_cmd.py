@@ -14,6 +14,8 @@ import argparse
 import sys
 from typing import Callable
 
+from genome_jax import stopping
+
 
 def _device_count(text: str) -> int:
     """--devices N | all (-1)."""
@@ -84,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=None, help="run even if an expert's provenance shows it was trained on dev/test items "
                                            "of a --tasks / --test_tasks task (recorded in result.json)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--allow-data-change", "--allow_data_change", dest="allow_data_change", action="store_true",
+                        help="resume even though a task file or expert file changed since the run started "
+                             "(recorded in result.json)")
     # SUPPRESS: `genome --debug run ...` keeps working (a default here would overwrite the top-level flag)
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show Python tracebacks on errors")
@@ -93,7 +98,15 @@ def run(args: argparse.Namespace) -> int:
     from scripts import run_loop
 
     flags = {k: getattr(args, k, None) for k in CONFIG_KEYS}
+    run_loop.refuse_if_busy(flags, config_file=args.config, resume_dir=args.resume)  # one writer per folder
     cfg, out_dir = run_loop.prepare(flags, config_file=args.config, resume_dir=args.resume)
-    result = run_loop.run(cfg, out_dir, progress=not args.quiet)
+    changes = run_loop.check_data(cfg, out_dir, allow_change=args.allow_data_change)
+
+    def progress() -> str:  # for "genome: stopped by SIGTERM after generation N; ..."
+        g = run_loop.last_saved_generation(out_dir)
+        return "before generation 0 was saved" if g is None else f"after generation {g}"
+
+    with stopping.graceful_stop(progress):  # SIGTERM/SIGINT: finish the save in flight, stop the evaluator, exit
+        result = run_loop.run(cfg, out_dir, progress=not args.quiet, data_changes=changes)
     print(run_loop.final_summary(result, out_dir))
     return 0

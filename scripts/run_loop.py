@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from genome_jax import faults
+from genome_jax import faults, run_lock, stopping
 from genome_jax.errors import UserError
 from genome_jax.run_config import (
     RunConfig,
@@ -64,6 +64,19 @@ def read_saved_config(out_dir: Path) -> RunConfig | None:
     return run_config_from_dict(data, str(path))
 
 
+def refuse_if_busy(flags: Mapping[str, Any], *, config_file: str | None = None,
+                   resume_dir: str | None = None) -> None:
+    """Fail at once (before JAX is even imported) when another live run holds the output folder. Flags that do
+    not parse are left to `prepare` to report."""
+    folder = resume_dir
+    if folder is None:
+        try:
+            folder = load_run_config(flags, config_file).resolved_output_dir()
+        except UserError:
+            return
+    run_lock.check_free(folder)
+
+
 def prepare(flags: Mapping[str, Any], *, config_file: str | None = None,
             resume_dir: str | None = None) -> tuple[RunConfig, Path]:
     """Build and validate the run config and decide fresh start vs resume; touches no file.
@@ -102,7 +115,8 @@ def prepare(flags: Mapping[str, Any], *, config_file: str | None = None,
             if diff:
                 raise UserError(f"--output_dir {out_dir} holds a run with a different config ({diff}); "
                                 "use another --output_dir or the same flags to resume")
-        elif set(out_dir.iterdir()) - orphan_temps(out_dir):  # a killed run's temp files alone are no content
+        elif set(out_dir.iterdir()) - orphan_temps(out_dir) - {out_dir / run_lock.LOCK_NAME}:  # a killed run's
+            # temp files (and its lock file) alone are no content
             raise UserError(f"--output_dir {out_dir}: folder is not empty and holds no genome run")
     validate_more(cfg)
     check_provenance(cfg)
@@ -126,6 +140,61 @@ def _remove_orphan_temps(out_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+
+
+# ------------------------------------------------- run identity: data digests, last saved generation (issue 15)
+def data_files(cfg: RunConfig) -> list[Path]:
+    """The files fitness reads: each fitness task's file, and each expert folder's config and weights."""
+    from genome_jax.population import adapter_folders
+
+    files: list[Path] = []
+    if not cfg.synthetic:
+        from evaluators.tasks import get_task
+
+        files += [Path(p) for t in cfg.tasks if (p := getattr(get_task(t, mode=cfg.scoring), "path", None))]
+    if cfg.lora_dir is not None:
+        files += [f for d in adapter_folders(cfg.lora_dir) for f in sorted(d.iterdir()) if f.is_file()]
+    return files
+
+
+def data_digests(cfg: RunConfig) -> dict[str, str]:
+    from genome_jax.run_config import file_digests
+
+    return file_digests(data_files(cfg))
+
+
+def check_data(cfg: RunConfig, out_dir: Path, *, allow_change: bool = False) -> list[dict]:
+    """Compare the data a saved run started with (run_config.json) with the files now. Raises UserError naming the
+    first changed file, unless allow_change (then returns the changes, for result.json). Nothing saved: []."""
+    from genome_jax.run_config import data_differences, saved_data_digests
+
+    saved = _read_json(out_dir / RUN_CONFIG)
+    was = saved_data_digests(saved) if isinstance(saved, dict) else None
+    if was is None:
+        return []
+    changes = data_differences(was, data_digests(cfg))
+    if changes and not allow_change:
+        c = changes[0]
+        how = ("is new (not part of it)" if c["was"] == "absent" else
+               "is gone" if c["now"] in ("missing", "absent") else "changed")
+        more = f" (and {len(changes) - 1} more file(s))" if len(changes) > 1 else ""
+        raise UserError(f"{c['file']} {how} since the run in {out_dir} started{more}; restore it, use another "
+                        "--output_dir, or resume anyway with --allow-data-change")
+    return changes
+
+
+def _saved_identity(out_dir: Path) -> dict:
+    from genome_jax.checkpoint import CONFIG_NAME
+
+    d = _read_json(out_dir / "checkpoints" / CONFIG_NAME)
+    return d if isinstance(d, dict) else {}
+
+
+def last_saved_generation(out_dir: Path) -> int | None:
+    """The newest complete checkpoint step of a run folder (orbax renames a step into place when it is whole)."""
+    ck = out_dir / "checkpoints"
+    steps = [int(p.name) for p in ck.iterdir() if p.name.isdigit() and p.is_dir()] if ck.is_dir() else []
+    return max(steps) if steps else None
 
 
 def validate_more(cfg: RunConfig) -> None:
@@ -469,8 +538,25 @@ def _stats_record(generation: int, fitness, best_ever, evaluated: dict, times: d
             "elapsed_s": round(elapsed, 3)}
 
 
-def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print) -> dict:
-    """Run (or resume) the evolution described by `cfg` in `out_dir`; returns the result dict (also result.json)."""
+def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print,
+        data_changes: list[dict] | None = None) -> dict:
+    """Run (or resume) the evolution described by `cfg` in `out_dir`; returns the result dict (also result.json).
+    One writer per folder: raises UserError at once when another live run holds `out_dir` (genome_jax.run_lock).
+    data_changes: what `check_data` found changed and --allow-data-change accepted (recorded in result.json)."""
+    created = not out_dir.exists()
+    had_lock_file = (out_dir / run_lock.LOCK_NAME).exists()
+    try:
+        with run_lock.hold(out_dir):
+            return _run(cfg, out_dir, progress=progress, log=log, created=created, data_changes=data_changes)
+    except BaseException:  # refused before writing anything (e.g. experts that do not fit the model): leave no trace
+        if not had_lock_file and not (out_dir / RUN_CONFIG).exists():
+            (out_dir / run_lock.LOCK_NAME).unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _run(cfg: RunConfig, out_dir: Path, *, progress: bool, log, created: bool, data_changes: list[dict] | None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -500,14 +586,15 @@ def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print) -> d
             _check_experts_fit_model(experts, cfg.lora_dir, model_path)
     meta = experts.meta
     identity = _identity(cfg, params, experts)
+    if data_changes:  # --allow-data-change: changed experts keep the run's identity (the user vouched for them)
+        identity["experts"] = _saved_identity(out_dir).get("experts", identity["experts"])
 
-    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_orphan_temps(out_dir)  # left by a killed run of this folder (one run per folder at a time)
     scorer = None
     try:
         if not (out_dir / RUN_CONFIG).exists():
-            save_run_config(cfg, out_dir / RUN_CONFIG)
+            save_run_config(cfg, out_dir / RUN_CONFIG, data=data_digests(cfg))
         ckpt = RunCheckpointer(out_dir / "checkpoints", identity)
         with timer("evaluator_start"):
             if cfg.synthetic:
@@ -557,7 +644,7 @@ def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print) -> d
             rec = _stats_record(0, np.asarray(state.fitness), state.best_fitness,
                                 {"scored": n0 - hits, "cached": hits, "cache_hits": hits}, {},
                                 time.perf_counter() - t_start)
-            with timer("checkpoint"):
+            with timer("checkpoint"), stopping.deferred():  # a signal waits until orbax holds the step
                 ckpt.save(0, state)
             faults.point("checkpoint_in_flight")
             faults.point("checkpoint_committed", before_kill=ckpt.wait)
@@ -597,7 +684,7 @@ def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print) -> d
             g = int(state.generation)
             alive = getattr(state, "child_alive", None)
             n_alive = int(np.sum(np.asarray(alive))) if alive is not None else int(need.shape[0])
-            with timer("checkpoint"):
+            with timer("checkpoint"), stopping.deferred():
                 ckpt.save(g, state)
             faults.point("checkpoint_in_flight")
             faults.point("checkpoint_committed", before_kill=ckpt.wait)
@@ -616,6 +703,8 @@ def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print) -> d
         result = _final_report(cfg, out_dir, state, experts, experts_info, scorer, timer, progress)
         result.update(generations=int(state.generation), stopped_early=stopped_early, resumed_from=resumed_from,
                       provenance=provenance)
+        if data_changes:
+            result.update(allow_data_change=True, data_changed=data_changes)
         # where the time went (this process only: a resumed run reports its own share)
         result["timings_s"] = {
             "load": round(at_evolution.get("load", 0.0), 3),

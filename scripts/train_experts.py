@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 EXAMPLE_FORMAT = "loglik-continuation-v1"  # enters the pool's recipe hash: change it when the example text changes
 
+from genome_jax import stopping
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from genome_jax.models.trainer import DEMO_CONFIG as D
@@ -142,6 +144,12 @@ def ensure_pool(model_path: str, name: str = "demo", *, progress: bool = True) -
 
 # --------------------------------------------------------------------------------------------- command
 def run(args: argparse.Namespace) -> int:
+    # SIGTERM/SIGINT: stop cleanly with one line; the pool is written at the end, so a re-run redoes it whole
+    with stopping.graceful_stop(lambda: "before the experts were written"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from genome_jax.errors import UserError
     from genome_jax.models import trainer
 

@@ -96,6 +96,7 @@ class ManagedBackend:
         self._q: queue.Queue = queue.Queue()
         self._next_id = 0
         self.starts = 0  # how many workers were started (a crash + restart makes it 2)
+        self._abandoned = False  # a request was interrupted (graceful stop): close() kills instead of waiting
 
     # ---- process lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> dict:
@@ -209,13 +210,14 @@ class ManagedBackend:
 
     def close(self) -> None:
         p = self.proc
-        if p is not None and p.poll() is None:
+        # a worker busy with an abandoned request would read `shutdown` only after finishing it: stop it now instead
+        if p is not None and p.poll() is None and not self._abandoned:
             try:
                 self._send({"op": "shutdown", "id": -1})
                 p.wait(timeout=30)
             except (OSError, subprocess.TimeoutExpired, ValueError):
                 pass
-        self._kill(gentle=True)
+        self._kill(gentle=not self._abandoned)  # nothing to save in a worker: no grace needed
 
     def _send(self, msg: dict) -> None:
         try:
@@ -237,6 +239,9 @@ class ManagedBackend:
                 if attempt > self.retries:
                     raise
                 sys.stderr.write(f"genome: evaluator worker crashed; restarting (retry {attempt}/{self.retries})\n")
+            except BaseException:  # interrupted (a graceful stop): the worker is still busy with an abandoned request
+                self._abandoned = True
+                raise
 
     def _answer_once(self, jobs, mode, timeout_s, on_progress):
         self.start()
