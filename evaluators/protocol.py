@@ -13,7 +13,8 @@ class ChoiceRequest:
     """Score each option as a continuation of the prompt by log-probability (lm-eval-harness style).
 
     prompt: the full prompt text, chat template already applied by the task when its prompt uses one (backends
-    never re-template). options: continuation strings, e.g. [" A", " B", " C", " D"].
+    never re-template). options: continuation strings, e.g. [" A", " B", " C", " D"] (choice_logprob) or option
+    texts [" grow and reproduce", ...] (loglik; WinoGrande builds one request per option, with one continuation).
     Tokens: prompt = tokenizer.encode(prompt) with the tokenizer's defaults (as vLLM tokenises a text prompt);
     option j = tokenizer.encode(options[j], add_special_tokens=False), appended after the prompt tokens.
     ChoiceResponse.logprobs[j] = sum of log P(option token | prompt + earlier option tokens), unnormalised

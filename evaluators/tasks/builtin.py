@@ -63,8 +63,9 @@ class MultipleChoiceTask(FileTask):
     # plain text 0.36 / 0.16 (mmlu / arc_c) vs chat template 0.20 / 0.30: pooled 0.26 vs 0.25, so plain text
     # (also the harness convention and shorter). Per task: the `logprob_chat` argument or a subclass attribute.
     logprob_chat = False
-    loglik_metric = ACC  # which of acc / acc_norm is the fitness under loglik (docs/TASKS.md)
-    # Decided by measurement (docs/TASKS.md, "loglik: chat template or plain text"): plain text.
+    loglik_metric = ACC  # which of acc / acc_norm is the fitness under loglik (dev-measured, docs/TASKS.md)
+    # Decided by measurement (docs/TASKS.md): plain text. Dev[:100] acc, plain vs chat: arc_e 0.58 vs 0.61, piqa
+    # 0.74 vs 0.73 (pooled 0.66 vs 0.67, within noise); plain is the harness convention and 1.7x faster.
     loglik_chat = False
 
     def __init__(self, *, logprob_chat: bool | None = None, loglik_chat: bool | None = None, **kwargs: Any):
@@ -189,12 +190,16 @@ class MedMCQA(MultipleChoiceTask):
 
 @register_task("truthfulqa")
 class TruthfulQA(MultipleChoiceTask):
-    pass
+    default_mode = LOGLIK  # dev-measured (docs/TASKS.md, "loglik: defaults")
+    loglik_metric = ACC_NORM
 
 
 @register_task("hellaswag")
 class HellaSwag(MultipleChoiceTask):
     """loglik: the context itself, continued by " {ending}" (no "Question:"/"Answer:" framing)."""
+
+    default_mode = LOGLIK  # dev-measured (docs/TASKS.md, "loglik: defaults")
+    loglik_metric = ACC_NORM
 
     instruction = "Pick the most plausible continuation of the text."
 
@@ -207,28 +212,32 @@ class HellaSwag(MultipleChoiceTask):
 
 @register_task("arc_e")
 class ARCEasy(MultipleChoiceTask):
-    pass
+    default_mode = LOGLIK  # dev-measured (docs/TASKS.md, "loglik: defaults")
 
 
 @register_task("piqa")
 class PIQA(MultipleChoiceTask):
-    pass
+    default_mode = LOGLIK  # dev-measured (docs/TASKS.md, "loglik: defaults")
 
 
 @register_task("openbookqa")
 class OpenBookQA(MultipleChoiceTask):
-    pass
+    default_mode = LOGLIK  # dev-measured (docs/TASKS.md, "loglik: defaults")
+    loglik_metric = ACC_NORM
 
 
 @register_task("commonsense_qa")
 class CommonsenseQA(MultipleChoiceTask):
-    pass
+    default_mode = LOGLIK  # dev-measured (docs/TASKS.md, "loglik: defaults")
 
 
 @register_task("boolq")
 class BoolQ(MultipleChoiceTask):
     """loglik: "{passage}\nQuestion: {question}?\nAnswer:" + " yes" / " no". The file's `question` field already
     holds "{passage}\nQuestion: {question}?" (evaluators/data/README.md), so the context is that + "\nAnswer:"."""
+
+    default_mode = LOGLIK  # dev-measured (docs/TASKS.md, "loglik: defaults")
+    loglik_metric = ACC_NORM
 
     def loglik_query(self, item: Item) -> str:
         return item["question"].strip()

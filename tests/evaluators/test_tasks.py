@@ -25,7 +25,9 @@ README_TABLE = {
     "openbookqa": ("multiple_choice", 200, 500), "boolq": ("multiple_choice", 200, 1000),
     "commonsense_qa": ("multiple_choice", 200, 1000), "winogrande": ("multiple_choice", 200, 1000),
 }
-DROP_REMOVED = (73, 164, 799, 933)  # test items of ../shared/data's drop.json that duplicate dev items
+DROP_REMOVED = (73, 164, 799, 933)
+# docs/TASKS.md "loglik: defaults" (dev-measured)
+LOGLIK_DEFAULT = {"truthfulqa", "hellaswag", "arc_e", "piqa", "openbookqa", "commonsense_qa", "boolq", "winogrande"}  # test items of ../shared/data's drop.json that duplicate dev items
 
 
 # ---------------------------------------------------------------------------------------------------- registry
@@ -39,7 +41,7 @@ def test_every_shipped_task_loads_with_readme_counts(name):
     task = get_task(name)
     assert task.kind == kind
     assert len(task.load("dev")) == n_dev and len(task.load("test")) == n_test
-    default = "loglik" if name == "winogrande" else CHOICE_LOGPROB if kind == "multiple_choice" else GENERATE
+    default = "loglik" if name in LOGLIK_DEFAULT else CHOICE_LOGPROB if kind == "multiple_choice" else GENERATE
     assert task.mode == default
     items = task.load("test", n=5)
     assert [it["_index"] for it in items] == list(range(5)) and {it["_split"] for it in items} == {"test"}
@@ -115,7 +117,7 @@ def test_multiple_choice_logprob_request():
     assert req.prompt == ("Question: Over the adult years, genetics seems to play a bigger role than environment in\n"
                           "A. The development of wisdom\nB. Longevity\nC. Loss of hair\nD. Marital satisfaction\nAnswer:")
     # items with more options get more labels (truthfulqa has up to 13)
-    tq = get_task("truthfulqa")
+    tq = get_task("truthfulqa", mode="choice_logprob")
     big = max(tq.load("dev"), key=lambda it: len(it["choices"]))
     assert tq.build_requests([big])[0].options == tuple(f" {lab}" for lab in big["choices"])
 
