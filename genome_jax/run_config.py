@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from genome_jax.errors import UserError
+from genome_jax.model_store import sha256_file
 
 METHODS = ("genome", "genome_plus")
 BACKENDS = ("vllm", "jax")
@@ -430,17 +431,11 @@ DATA_KEY = "data_sha256"  # run_config.json: {file: sha256} of the task and adap
 
 def file_digests(paths) -> dict[str, str]:
     """{absolute path: sha256 hex} of each file (a missing one maps to "missing")."""
-    import hashlib
-
     out = {}
     for p in paths:
         p = Path(p).absolute()
-        h = hashlib.sha256()
         try:
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            out[str(p)] = h.hexdigest()
+            out[str(p)] = sha256_file(p)
         except FileNotFoundError:
             out[str(p)] = "missing"
     return out

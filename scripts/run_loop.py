@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -24,10 +23,13 @@ from genome_jax import faults, run_lock, stopping
 from genome_jax.errors import UserError
 from genome_jax.run_config import (
     RunConfig,
+    data_differences,
     describe_mismatch,
+    file_digests,
     load_run_config,
     run_config_from_dict,
     save_run_config,
+    saved_data_digests,
 )
 
 RUN_CONFIG = "run_config.json"
@@ -158,16 +160,12 @@ def data_files(cfg: RunConfig) -> list[Path]:
 
 
 def data_digests(cfg: RunConfig) -> dict[str, str]:
-    from genome_jax.run_config import file_digests
-
     return file_digests(data_files(cfg))
 
 
 def check_data(cfg: RunConfig, out_dir: Path, *, allow_change: bool = False) -> list[dict]:
     """Compare the data a saved run started with (run_config.json) with the files now. Raises UserError naming the
     first changed file, unless allow_change (then returns the changes, for result.json). Nothing saved: []."""
-    from genome_jax.run_config import data_differences, saved_data_digests
-
     saved = _read_json(out_dir / RUN_CONFIG)
     was = saved_data_digests(saved) if isinstance(saved, dict) else None
     if was is None:

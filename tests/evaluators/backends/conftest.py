@@ -48,3 +48,22 @@ def managed_worker(model_path, tmp_path_factory):
     backend.start()
     yield backend
     backend.close()
+
+
+@pytest.fixture(scope="session")
+def reference_answers(model_path, smollm2_fp32, smollm2_tokenizer):
+    """reference_answers(adapter_dir | None, requests) -> the transformers (+ peft) fp32 answers, the anchor every
+    backend is checked against. The peft wrapper is unloaded again so the shared base model stays plain."""
+    from peft import PeftModel
+
+    from evaluators.reference import answer_with_transformers
+
+    def answers(adapter, requests):
+        model = smollm2_fp32 if adapter is None else PeftModel.from_pretrained(smollm2_fp32, adapter)
+        try:
+            return answer_with_transformers(str(model_path), requests, _loaded=(model, smollm2_tokenizer))
+        finally:
+            if adapter is not None:
+                model.unload()
+
+    return answers

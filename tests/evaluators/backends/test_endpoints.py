@@ -70,13 +70,9 @@ def vllm_server(model_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_endpoints_backend_matches_reference(vllm_server, model_path, smollm2_fp32, smollm2_tokenizer,
-                                             backend_adapters, backend_requests):
-    from peft import PeftModel
-
+def test_endpoints_backend_matches_reference(vllm_server, model_path, backend_adapters, backend_requests,
+                                             reference_answers):
     from evaluators.backends.endpoints import EndpointsBackend
-    from evaluators.reference import answer_with_transformers
-
     qv = backend_adapters[0]
     reqs = backend_requests[1:]  # one MMLU question, the " zebra" one, multi-token options, a generation
     # the same server twice (with and without /v1): two endpoints, so the spreading is visible
@@ -87,12 +83,7 @@ def test_endpoints_backend_matches_reference(vllm_server, model_path, smollm2_fp
         assert [m["id"] for m in json.load(r)["data"]] == [str(model_path)]
 
     for adapter, got in ((None, res[0]), (qv, res[1])):
-        model = smollm2_fp32 if adapter is None else PeftModel.from_pretrained(smollm2_fp32, adapter)
-        try:
-            ref = answer_with_transformers(str(model_path), reqs, _loaded=(model, smollm2_tokenizer))
-        finally:
-            if adapter is not None:
-                model.unload()
+        ref = reference_answers(adapter, reqs)
         for req, a, want in zip(reqs, got, ref):
             if isinstance(want, GenerateResponse):
                 assert a.text == want.text, adapter

@@ -30,12 +30,8 @@ def _jobs(adapters, reqs):
     return [(a, None if a is None else content_hash(a), reqs) for a in adapters]
 
 
-def test_loglik_swap_and_lora_routes_equal_transformers(model_path, managed_worker, backend_adapters, smollm2_fp32,
-                                                        smollm2_tokenizer, loglik_batch):
-    from peft import PeftModel
-
-    from evaluators.reference import answer_with_transformers
-
+def test_loglik_swap_and_lora_routes_equal_transformers(managed_worker, backend_adapters, smollm2_tokenizer,
+                                                        loglik_batch, reference_answers):
     reqs = [r for _, _, rs in loglik_batch for r in rs]
     assert max(len(smollm2_tokenizer(o, add_special_tokens=False)["input_ids"]) for r in reqs for o in r.options) > 5
     adapters = [None, backend_adapters[0]]
@@ -43,12 +39,7 @@ def test_loglik_swap_and_lora_routes_equal_transformers(model_path, managed_work
     lora, _ = managed_worker.answer(_jobs(adapters, reqs), mode="lora")
     again, _ = managed_worker.answer(_jobs([None], reqs), mode="swap")  # prefix cache warm: same answers
     for adapter, s, l in zip(adapters, swap, lora):
-        model = smollm2_fp32 if adapter is None else PeftModel.from_pretrained(smollm2_fp32, adapter)
-        try:
-            ref = answer_with_transformers(str(model_path), reqs, _loaded=(model, smollm2_tokenizer))
-        finally:
-            if adapter is not None:
-                model.unload()
+        ref = reference_answers(adapter, reqs)
         for req, a, b, c in zip(reqs, s, l, ref):
             assert a.logprobs == pytest.approx(c.logprobs, abs=TOL), (adapter, req)
             assert b.logprobs == pytest.approx(c.logprobs, abs=TOL), (adapter, req)

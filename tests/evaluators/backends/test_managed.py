@@ -46,23 +46,13 @@ def test_swap_equals_lora_path(managed_worker, backend_adapters, backend_request
     assert swap_answers[0][0] != swap_answers[2][0]
 
 
-def test_swap_equals_transformers_peft_reference(model_path, smollm2_fp32, smollm2_tokenizer, backend_adapters,
-                                                 backend_requests, swap_answers):
+def test_swap_equals_transformers_peft_reference(backend_adapters, backend_requests, swap_answers, reference_answers):
     """The correctness anchor: every answer of the swap path equals plain transformers (+ peft) in fp32, including
     an option far outside the top-20 (" zebra") and multi-token options."""
-    from peft import PeftModel
-
-    from evaluators.reference import answer_with_transformers
-
     zebra = backend_requests[2]
     assert " zebra" in zebra.options
     for adapter, got in zip([None, *backend_adapters], swap_answers):
-        model = smollm2_fp32 if adapter is None else PeftModel.from_pretrained(smollm2_fp32, adapter)
-        try:
-            ref = answer_with_transformers(str(model_path), backend_requests, _loaded=(model, smollm2_tokenizer))
-        finally:
-            if adapter is not None:
-                model.unload()
+        ref = reference_answers(adapter, backend_requests)
         for req, a, b in zip(backend_requests, got, ref):
             if isinstance(b, GenerateResponse):
                 assert a.text == b.text, adapter
