@@ -1,6 +1,6 @@
 """`genome demo`: the one-command end-to-end demo on SmolLM2-135M-Instruct, on this machine.
 
-    fetch the model (cached) -> train or reuse 4 LoRA experts (cached; docs/EXPERTS.md) -> start the vLLM evaluator
+    fetch the model (cached) -> train or reuse the LoRA expert pool (4 experts; cached; docs/EXPERTS.md) -> start the vLLM evaluator
     -> GENOME+ for a few generations on the target task (arc_e: no expert saw any of its items; dev split, loglik)
     -> table on the test split: base model, uniform merge of the experts, best initial expert, evolved best, top-k
        ensembles, each with the standard error of its accuracy, and whether the evolved best's gain is beyond noise;
@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n_test", type=int, default=200, help="test samples for the table (default 200)")
     parser.add_argument("--ensemble_k", type=int, default=3, help="ensembles of the top k = 1..K (default 3)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pool", choices=("demo", "smoke"), default="demo",
+                        help="expert pool (default demo; smoke: 2 barely trained experts, for plumbing tests only)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--allow-overlap", "--allow_overlap", dest="allow_overlap", action="store_true",
                         help="run even if an expert was trained on the target's dev/test items (see docs/EXPERTS.md)")
@@ -59,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
     model_path = default_model_path()
     parts["model"] = time.perf_counter() - t
 
-    _say("2/4 expert pool: 4 LoRA experts trained with optax on other tasks' data (trained once, then cached)")
+    _say(f"2/4 expert pool ({args.pool}): LoRA experts trained with optax on other tasks' data (trained once, then cached)")
     t = time.perf_counter()
     from genome_jax.models import trainer
     from scripts import train_experts
 
-    lora_dir = train_experts.ensure_pool(str(model_path), "demo", progress=not args.quiet)
+    lora_dir = train_experts.ensure_pool(str(model_path), args.pool, progress=not args.quiet)
     parts["experts"] = time.perf_counter() - t
     target = args.target or trainer.DEMO_TARGET
     _say(f"    experts in {lora_dir}")

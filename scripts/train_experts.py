@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "holds out test[:200]")
     p.add_argument("--demo", action="store_true", help="build or reuse the demo's cached pool, print its path")
     p.add_argument("--pool", choices=sorted(POOLS), default=None,
-                   help="build or reuse a named cached pool (demo: 4 experts, <= 10 min; quality: 6 experts)")
+                   help="build or reuse a named cached pool (demo: 4 experts, <= 10 min; quality: 6 experts; smoke: 2 experts x 3 steps, for plumbing tests)")
     p.add_argument("--rank", type=int, default=D.rank)
     p.add_argument("--alpha", type=float, default=D.alpha, help="LoRA alpha while training (scale alpha/rank)")
     p.add_argument("--targets", nargs="+", default=list(D.targets), help="target modules (short names)")
@@ -126,10 +126,11 @@ def _pools() -> dict[str, tuple[Any, Any]]:
     from genome_jax.models import trainer
 
     return {"demo": (trainer.DEMO_EXPERTS, trainer.DEMO_CONFIG),
-            "quality": (trainer.QUALITY_EXPERTS, trainer.QUALITY_CONFIG)}
+            "quality": (trainer.QUALITY_EXPERTS, trainer.QUALITY_CONFIG),
+            "smoke": (trainer.SMOKE_EXPERTS, trainer.SMOKE_CONFIG)}
 
 
-POOLS = ("demo", "quality")
+POOLS = ("demo", "quality", "smoke")
 
 
 def ensure_pool(model_path: str, name: str = "demo", *, progress: bool = True) -> Path:

@@ -487,6 +487,10 @@ QUALITY_EXPERTS: tuple[ExpertSpec, ...] = DEMO_EXPERTS + (
     ExpertSpec("mmlu", "mmlu", "test", 200),
 )
 QUALITY_CONFIG = TrainConfig()
+# A smoke-sized pool for plumbing tests (the suite's demo and quality-bench runs): two of the demo's experts,
+# three steps each. No claim about quality; its own recipe hash keeps it apart from the real pools.
+SMOKE_EXPERTS: tuple[ExpertSpec, ...] = (DEMO_EXPERTS[0], DEMO_EXPERTS[3])
+SMOKE_CONFIG = TrainConfig(steps=3, warmup_steps=1)
 
 
 def recipe_hash(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], cfg: TrainConfig,

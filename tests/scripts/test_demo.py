@@ -87,9 +87,10 @@ def test_bad_demo_flags_exit_1(argv, message, capsys):
 
 @pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path, capsys):
-    """The real demo path (model, cached expert pool, vLLM, GENOME+, test table) at a tiny size."""
+    """The real demo path (model, cached expert pool, vLLM, GENOME+, test table) at a tiny size, on the smoke pool
+    (2 experts x 3 steps) so that a fresh machine trains it in a couple of minutes."""
     out = tmp_path / "demo"
-    rc = cli.main(["demo", "--output_dir", str(out), "--generations", "1", "--population_size", "2",
+    rc = cli.main(["demo", "--output_dir", str(out), "--pool", "smoke", "--generations", "1", "--population_size", "2",
                    "--max_population_size", "3", "--n_dev", "8", "--n_test", "8", "--ensemble_k", "2", "--quiet"])
     assert rc == 0
     printed = capsys.readouterr().out
