@@ -139,7 +139,8 @@ def ensure_pool(model_path: str, name: str = "demo", *, progress: bool = True) -
 
     specs, cfg = _pools()[name]
     return trainer.ensure_pool(model_path, specs, lambda: pool_examples(model_path, specs, cfg),
-                               data_digest=data_digest(model_path, specs), cfg=cfg,
+                               data_digest=data_digest(model_path, specs),
+                               expert_digests=[data_digest(model_path, [s]) for s in specs], cfg=cfg,
                                annotate=lambda folder: write_provenance(folder, model_path, specs), progress=progress)
 
 

@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -385,6 +386,12 @@ def base_model_name(model_path: str | os.PathLike) -> str:
     return os.fspath(model_path)
 
 
+def expert_key(key: jax.Array, name: str) -> jax.Array:
+    """An expert's key (init and data order) from the pool's key and the expert's NAME, not its position: the same
+    expert comes out bit-identical in any pool that holds it (the demo pool's experts are the quality pool's)."""
+    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
 def train_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], examples: Sequence[Sequence[Example]],
                out_dir: str | os.PathLike, cfg: TrainConfig, *, progress: bool = True,
                log: Callable[[str], None] | None = None) -> dict:
@@ -407,7 +414,7 @@ def train_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], exa
     config, params = llama.load_params(model_path, dtype=jnp.dtype(cfg.dtype))
     entries = []
     key = jax.random.key(cfg.seed)
-    for i, (spec, exs) in enumerate(zip(experts, examples)):
+    for spec, exs in zip(experts, examples):
         if not exs:
             raise UserError(f"expert {spec.name}: no example of {spec.label} fits seq_len={cfg.seq_len}")
         bar = _bar(cfg.steps, f"expert {spec.name}", progress)
@@ -417,7 +424,7 @@ def train_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], exa
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 bar.update(1)
 
-        factors, losses, stats = train_expert(jax.random.fold_in(key, i), params, config, exs, cfg, on_step=on_step)
+        factors, losses, stats = train_expert(expert_key(key, spec.name), params, config, exs, cfg, on_step=on_step)
         if bar is not None:
             bar.close()
         tok_s = stats["tokens"] / max(stats["seconds"], 1e-9)
@@ -497,7 +504,7 @@ def recipe_hash(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], cf
                 data_digest: str = "") -> str:
     """Identity of a pool: the model's weights (manifest sha or folder name), the expert specs, the config, the
     trainer version, and data_digest (the caller's hash of the training data: task files, example format)."""
-    h = hashlib.sha256(b"genome-experts-v2\n")
+    h = hashlib.sha256(b"genome-experts-v3\n")  # v3: per-expert keys from names
     man = Path(model_path) / "manifest.json"
     h.update(man.read_bytes() if man.is_file() else os.fspath(model_path).encode())
     h.update(json.dumps([dataclasses.asdict(e) for e in experts], sort_keys=True).encode())
@@ -513,14 +520,36 @@ def experts_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "genome-jax") / "experts"
 
 
+def expert_hash(model_path: str | os.PathLike, spec: ExpertSpec, cfg: TrainConfig, data_digest: str = "") -> str:
+    """Identity of one expert: the pool recipe hash of a pool holding only it (its key depends on its name alone,
+    so it trains to the same bits in any pool)."""
+    return recipe_hash(model_path, [spec], cfg, data_digest)
+
+
+EXPERT_HASH_FILE = "expert_recipe.txt"  # in each cached expert's folder: its expert_hash
+
+
+def _find_trained(root: Path, digest: str, name: str) -> Path | None:
+    """A finished cached pool's folder for an expert with this expert_hash, if any (READY pools only)."""
+    for pool in sorted(root.iterdir()):
+        folder = pool / name
+        with contextlib.suppress(OSError):
+            if (pool / "READY").is_file() and (folder / EXPERT_HASH_FILE).read_text().strip() == digest:
+                return folder
+    return None
+
+
 def ensure_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec],
                 make_examples: Callable[[], Sequence[Sequence[Example]]], *, data_digest: str,
+                expert_digests: Sequence[str] | None = None,
                 cfg: TrainConfig = DEMO_CONFIG, cache_dir: str | os.PathLike | None = None,
                 annotate: Callable[[Path], None] | None = None, progress: bool = True) -> Path:
     """A pool of experts (a folder of PEFT adapters), trained once and cached by recipe hash under
     <cache>/experts/<hash>/ (cache: cache_dir, else $GENOME_JAX_CACHE/experts, else ~/.cache/genome-jax/experts).
     make_examples() (called only when training is needed) gives one example list per expert; data_digest names
-    that data in the hash; annotate(folder), if given, adds files (provenance) before the pool is marked READY.
+    that data in the hash; expert_digests (one per expert: the same for that expert's data alone), if given, let
+    an expert already trained in another cached pool under the same recipe be copied instead of trained again;
+    annotate(folder), if given, adds files (provenance) before the pool is marked READY.
     Concurrent callers wait on a lock; a finished pool holds READY and is never rewritten."""
     root = experts_cache_root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -528,6 +557,45 @@ def ensure_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec],
     dest = root / digest
     if (dest / "READY").is_file():
         return dest
+    if expert_digests is not None and len(expert_digests) != len(experts):
+        raise ValueError(f"expert_digests: one per expert expected, got {len(expert_digests)} for {len(experts)}")
+    with open(root / f".{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (dest / "READY").is_file():
+            return dest
+        tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.tmp-", dir=root))
+        try:
+            hashes = [expert_hash(model_path, e, cfg, d) for e, d in zip(experts, expert_digests)] \
+                if expert_digests is not None else [None] * len(experts)
+            found = [_find_trained(root, h, e.name) if h else None for e, h in zip(experts, hashes)]
+            todo = [i for i, f in enumerate(found) if f is None]
+            entries: dict[int, dict] = {}
+            if todo:
+                examples = make_examples()
+                log = train_pool(model_path, [experts[i] for i in todo], [examples[i] for i in todo], tmp, cfg,
+                                 progress=progress)
+                entries.update(zip(todo, log["experts"]))
+            for i, src in enumerate(found):
+                if src is not None:  # the same expert, bit for bit: copy it and its log entry
+                    shutil.copytree(src, tmp / experts[i].name)
+                    old = json.loads((src.parent / "train_log.json").read_text())
+                    entries[i] = next(e for e in old["experts"] if e["name"] == experts[i].name)
+                    entries[i]["copied_from"] = src.parent.name
+            for i, h in enumerate(hashes):
+                if h:
+                    (tmp / experts[i].name / EXPERT_HASH_FILE).write_text(h + "\n")
+            _write_json_atomic(tmp / "train_log.json", {"model_path": os.fspath(model_path), "config": _cfg_json(cfg),
+                                                        "experts": [entries[i] for i in range(len(experts))]})
+            if annotate is not None:
+                annotate(tmp)
+            (tmp / "READY").write_text(digest + "\n")
+            if dest.exists():  # a stale, unfinished folder from an older layout
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return dest
     with open(root / f".{digest}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (dest / "READY").is_file():

@@ -239,3 +239,44 @@ def test_cli_trains_experts_that_peft_loads(model_path, tmp_path, cli, smollm2_f
 
     bad = cli("train-experts", "--model_path", str(model_path), "--out", str(out), "--experts", "x=nosuchtask")
     assert bad.returncode == 1 and "unknown task 'nosuchtask'" in bad.stderr
+
+
+def test_pool_cache_trains_each_expert_once_and_bit_identically_in_any_pool(tmp_path, make_tiny_llama, monkeypatch):
+    """An expert's key comes from its name, so the same expert is the same bits at any position in any pool; a second
+    pool holding it copies it from the cache (training only what is new), and a finished pool is returned as is."""
+    from safetensors.numpy import load_file
+
+    make_tiny_llama(tmp_path / "base", tied=True)
+    cfg = trainer.TrainConfig(rank=2, alpha=4.0, steps=2, lr=1e-2, warmup_steps=1, batch_rows=1, seq_len=48,
+                              max_targets=8)
+    specs = {n: trainer.ExpertSpec(n, n, "test", 0) for n in ("x", "y", "z")}
+    data = {n: _examples(96, 8, seed=i) for i, n in enumerate(specs)}
+    trained: list[str] = []
+    real_train_pool = trainer.train_pool
+
+    def counting_train_pool(model_path, experts, examples, out_dir, c, **kw):
+        trained.extend(e.name for e in experts)
+        return real_train_pool(model_path, experts, examples, out_dir, c, **kw)
+
+    monkeypatch.setattr(trainer, "train_pool", counting_train_pool)
+
+    def pool(names):
+        sp = [specs[n] for n in names]
+        return trainer.ensure_pool(tmp_path / "base", sp, lambda: [data[n] for n in names], data_digest="+".join(names),
+                                   expert_digests=list(names), cfg=cfg, cache_dir=tmp_path / "cache", progress=False)
+
+    first = pool(["x", "y"])
+    second = pool(["z", "x"])  # x moved to another position
+    assert trained == ["x", "y", "z"] and first != second
+    assert pool(["x", "y"]) == first and trained == ["x", "y", "z"]
+    a = load_file(str(first / "x" / "adapter_model.safetensors"))
+    b = load_file(str(second / "x" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    log = json.loads((second / "train_log.json").read_text())
+    assert [e["name"] for e in log["experts"]] == ["z", "x"] and log["experts"][1]["copied_from"] == first.name
+    # retrained from scratch in a fresh cache, x is still the same bits (the key does not depend on the position)
+    monkeypatch.setattr(trainer, "train_pool", real_train_pool)
+    fresh = trainer.ensure_pool(tmp_path / "base", [specs["y"], specs["x"]], lambda: [data["y"], data["x"]],
+                                data_digest="other", cfg=cfg, cache_dir=tmp_path / "cache2", progress=False)
+    c = load_file(str(fresh / "x" / "adapter_model.safetensors"))
+    assert all(np.array_equal(a[k], c[k]) for k in a)
