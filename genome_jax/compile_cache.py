@@ -26,9 +26,10 @@ def compile_cache_dir() -> Path | None:
     return cache_root() / "jax-compile-cache"
 
 
-def enable_compilation_cache(min_compile_time_s: float = 0.5) -> Path | None:
+def enable_compilation_cache(min_compile_time_s: float = 0.1) -> Path | None:
     """Point JAX's persistent cache at `compile_cache_dir()`; returns the folder (None: not enabled here).
-    Programs that compile faster than `min_compile_time_s` are not worth a file. A read-only home: no cache."""
+    Programs that compile faster than `min_compile_time_s` are not worth a file (a generation's per-module programs
+    take 0.2-2 s each on a 2-core CPU, so the threshold sits below them). A read-only home: no cache."""
     import jax
 
     path = compile_cache_dir()

@@ -243,7 +243,7 @@ def compile_probe(args) -> dict:
 
     from genome_jax.compile_cache import enable_compilation_cache
 
-    where = enable_compilation_cache(min_compile_time_s=0.0)  # tiny shapes too (`genome run` stores >= 0.5 s)
+    where = enable_compilation_cache(min_compile_time_s=0.0)  # tiny shapes too (`genome run` stores >= 0.1 s)
     stored = sorted(f.name.split("-")[0] for f in where.iterdir()) if where is not None else []
     factors, fitness, strat, params, state = generation_setup(args.population, args.layers, args.strategy,
                                                               args.method, args.seed)
@@ -261,7 +261,8 @@ def compile_probe(args) -> dict:
     t4 = time.perf_counter()
     return {"compile_s": max(0.0, (t1 - t0) - (t3 - t2)) + max(0.0, (t2 - t1) - (t4 - t3)),
             "first_s": t2 - t0, "steady_s": t4 - t2, "cache": str(where),
-            "ask_was_stored": "jit_ask" in stored, "tell_was_stored": "jit_tell" in stored}
+            "ask_was_stored": "jit__ask_plan" in stored, "tell_was_stored": "jit__tell_plan" in stored,
+            "programs_stored_before": len(stored)}
 
 
 def _child(args, extra: list[str], env: dict | None = None, tag: str = "ROW ") -> dict:

@@ -24,6 +24,8 @@ Keys: module m (sorted path order) of child c uses fold_in(split(key, C)[c], m),
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -178,27 +180,35 @@ def merge_one_delta(key, parents, weights, *, config, cuts=None):
 
 
 def crossover_delta(key, factors, parent_idx, weights, *, config, cuts=None):
-    """C children in delta space (see module doc); same arguments and result layout as merge.crossover."""
+    """C children in delta space (see module doc); same arguments and result layout as merge.crossover.
+    One jitted program per distinct module shape (module index traced), called once per module."""
     paths = _modules(factors)
-    C, K = parent_idx.shape
-    if config.cut_method is not None and cuts is None:
-        cuts = delta_cuts(factors, config)
-    child_keys = jax.random.split(key, C)
+    child_keys = jax.random.split(key, parent_idx.shape[0])
     out = {}
     for mi, path in enumerate(paths):
         A, B = factors[path]["A"], factors[path]["B"]
-        Ag = jnp.stack([A[parent_idx[:, k]] for k in range(K)], axis=1)             # (C, K, r, d_in)
-        Bg = jnp.stack([B[parent_idx[:, k]] for k in range(K)], axis=1)             # (C, K, d_out, r)
-        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(child_keys, mi)
-        gc = cuts[path][parent_idx] if cuts is not None else jnp.zeros((C, K), jnp.float32)
-        use_cuts = config.cut_method is not None
-
-        def one(kc, a, b, w, c):
-            return _module_child(kc, a, b, w, config, c if use_cuts else None)
-
-        if config.method in LOWRANK_METHODS:
-            An, Bn = jax.vmap(one)(keys, Ag, Bg, weights, gc)
-        else:
-            An, Bn = _chunked(lambda xs: jax.vmap(one)(*xs), (keys, Ag, Bg, weights, gc), config.child_chunk)
+        c = cuts[path] if cuts is not None else None
+        An, Bn = _crossover_module(child_keys, jnp.int32(mi), A, B, parent_idx, weights, c, config=config)
         out[path] = {"A": An, "B": Bn}
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _crossover_module(child_keys, mi, A, B, parent_idx, weights, cut, *, config):
+    """Module `mi` (A (P, r, d_in), B (P, d_out, r)) of every child: (A' (C, r, d_in), B' (C, d_out, r))."""
+    C, K = parent_idx.shape
+    use_cuts = config.cut_method is not None
+    if use_cuts and cut is None:
+        cut = _chunked(lambda ab: trim_ops.tensor_cuts(_dense(*ab), config.cut_method, config.density, config.gamma,
+                                                       impl=config.select), (A, B), config.child_chunk)
+    Ag = jnp.stack([A[parent_idx[:, k]] for k in range(K)], axis=1)             # (C, K, r, d_in)
+    Bg = jnp.stack([B[parent_idx[:, k]] for k in range(K)], axis=1)             # (C, K, d_out, r)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(child_keys, mi)
+    gc = cut[parent_idx] if use_cuts else jnp.zeros((C, K), jnp.float32)
+
+    def one(kc, a, b, w, c):
+        return _module_child(kc, a, b, w, config, c if use_cuts else None)
+
+    if config.method in LOWRANK_METHODS:
+        return jax.vmap(one)(keys, Ag, Bg, weights, gc)
+    return _chunked(lambda xs: jax.vmap(one)(*xs), (keys, Ag, Bg, weights, gc), config.child_chunk)

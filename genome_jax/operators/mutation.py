@@ -34,7 +34,8 @@ from jax.scipy.special import ndtri
 Schedule = Callable[[Any], Any]
 ScalarOrSchedule = Union[float, Schedule]
 
-__all__ = ["gaussian_mutation", "svd_mutation", "resolve_schedule"]
+__all__ = ["gaussian_mutation", "gaussian_mutation_picked", "pick_individuals", "resolve_schedule", "svd_mutation",
+           "svd_mutation_picked"]
 
 
 def resolve_schedule(value: ScalarOrSchedule, step) -> jax.Array:
@@ -53,11 +54,51 @@ def _gaussian_delta(key, n_genes: int, *, individual_rate, gene_rate, sigma):
     """
     k_ind, k_genes = jax.random.split(key)
     picked = jax.random.bernoulli(k_ind, individual_rate)
+    return _gaussian_genes(k_genes, picked, n_genes, gene_rate=gene_rate, sigma=sigma)
+
+
+def _gaussian_genes(k_genes, picked, n_genes: int, *, gene_rate, sigma):
+    """The gene part of `_gaussian_delta` for an individual whose pick is already drawn."""
     u = jax.random.uniform(k_genes, (n_genes,), jnp.float32)
     rate = jnp.asarray(gene_rate, jnp.float32)
     mask = (u < rate) & picked  # gene_rate 0: never (u >= 0)
     z = ndtri(jnp.clip(u / jnp.maximum(rate, 1e-30), 1e-7, 1.0 - 1e-7))
     return jnp.where(mask, sigma * z, 0.0), jnp.any(mask) & (sigma != 0)
+
+
+def pick_individuals(key, n: int, individual_rate, n_gene_keys: int = 1):
+    """Which of n individuals a mutation picks, and their gene keys, drawn as the whole-population operators draw
+    them (so a mutation split over modules picks the same individuals in every module).
+
+    Returns (picked (n,) bool, gene_keys (n, n_gene_keys) keys): individual i splits split(key, n)[i] into
+    1 + n_gene_keys keys; the first decides the pick (Bernoulli(individual_rate)), the others drive its genes."""
+    def one(k):
+        ks = jax.random.split(k, 1 + n_gene_keys)
+        return jax.random.bernoulli(ks[0], individual_rate), ks[1:]
+
+    return jax.vmap(one)(jax.random.split(key, n))
+
+
+def _leaf_apply(leaves, delta):
+    """Add the (n, sum of leaf sizes) change to the leaves (n, ...); untouched genes keep their exact bits."""
+    out, start = [], 0
+    for x in leaves:
+        size = math.prod(x.shape[1:])
+        d = delta[:, start:start + size].reshape(x.shape).astype(x.dtype)
+        out.append(jnp.where(d != 0, x + d, x))  # untouched genes keep their exact bits (even -0.0)
+        start += size
+    return out
+
+
+def gaussian_mutation_picked(gene_keys, picked, factors, *, gene_rate, sigma):
+    """`gaussian_mutation` with the individuals' picks and gene keys given (from `pick_individuals`): for one part
+    of the population's tree (e.g. one module) with its own gene keys. gene_keys: (n,) keys; picked: (n,) bool;
+    sigma: a resolved scalar. Returns (factors', mutated (n,) bool)."""
+    leaves, treedef = jax.tree_util.tree_flatten(factors)
+    total = sum(math.prod(x.shape[1:]) for x in leaves)
+    delta, mutated = jax.lax.map(
+        lambda kp: _gaussian_genes(kp[0], kp[1], total, gene_rate=gene_rate, sigma=sigma), (gene_keys, picked))
+    return jax.tree_util.tree_unflatten(treedef, _leaf_apply(leaves, delta)), mutated
 
 
 def gaussian_mutation(key, factors, *, individual_rate, gene_rate, sigma: ScalarOrSchedule, step=0):
@@ -76,12 +117,7 @@ def gaussian_mutation(key, factors, *, individual_rate, gene_rate, sigma: Scalar
         lambda k: _gaussian_delta(k, sum(sizes), individual_rate=individual_rate, gene_rate=gene_rate, sigma=s),
         jax.random.split(key, n),
     )
-    out, start = [], 0
-    for x, size in zip(leaves, sizes):
-        d = delta[:, start:start + size].reshape(x.shape).astype(x.dtype)
-        out.append(jnp.where(d != 0, x + d, x))  # untouched genes keep their exact bits (even -0.0)
-        start += size
-    return jax.tree_util.tree_unflatten(treedef, out), mutated
+    return jax.tree_util.tree_unflatten(treedef, _leaf_apply(leaves, delta)), mutated
 
 
 def _svd_module_one(e, A, B, *, sigma):
@@ -111,11 +147,16 @@ def _core_size(mod) -> int:
 
 
 def _svd_one(key, tree, *, individual_rate, gene_rate, sigma):
+    k_ind, k_mask, k_noise = jax.random.split(key, 3)
+    picked = jax.random.bernoulli(k_ind, individual_rate)
+    return _svd_modules(k_mask, k_noise, picked, tree, gene_rate=gene_rate, sigma=sigma)
+
+
+def _svd_modules(k_mask, k_noise, picked, tree, *, gene_rate, sigma):
+    """The modules of one individual whose pick is drawn: (tree', changed ())."""
     names = sorted(tree)
     sizes = [_core_size(tree[name]) for name in names]
     total = sum(m * m for m in sizes)
-    k_ind, k_mask, k_noise = jax.random.split(key, 3)
-    picked = jax.random.bernoulli(k_ind, individual_rate)
     noise = jax.random.normal(k_noise, (total,), jnp.float32) * jax.random.bernoulli(k_mask, gene_rate, (total,))
     out, changed, start = {}, jnp.zeros((), bool), 0
     for name, m in zip(names, sizes):
@@ -127,6 +168,14 @@ def _svd_one(key, tree, *, individual_rate, gene_rate, sigma):
         out[name] = dict(mod, A=jnp.where(take, a_new, mod["A"]), B=jnp.where(take, b_new, mod["B"]))
         changed = changed | take
     return out, changed
+
+
+def svd_mutation_picked(gene_keys, picked, factors, *, gene_rate, sigma):
+    """`svd_mutation` with the picks and gene keys given (`pick_individuals(..., n_gene_keys=2)`: mask and noise
+    keys per individual), e.g. for one module at a time. gene_keys: (n, 2) keys; picked: (n,) bool; sigma: a
+    resolved scalar. Returns (factors', mutated (n,) bool)."""
+    fn = lambda ks, p, t: _svd_modules(ks[0], ks[1], p, t, gene_rate=gene_rate, sigma=sigma)
+    return jax.vmap(fn)(gene_keys, picked, factors)
 
 
 def svd_mutation(key, factors, *, individual_rate, gene_rate, sigma: ScalarOrSchedule, step=0):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from genome_jax.operators.mutation import resolve_schedule
 
-__all__ = ["SuccessionConfig", "succession", "succession_coefficients", "update_personal_best"]
+__all__ = ["SuccessionConfig", "succession", "succession_coefficients", "succession_move", "update_personal_best"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +47,15 @@ def succession(key, x, v, pbest, gbest, gworst, *, step=0, config: SuccessionCon
     gbest, gworst: the same pytree for one individual (leaves without the P axis). Returns (x', v').
     """
     n = jax.tree_util.tree_leaves(x)[0].shape[0]
-    r = succession_coefficients(key, n)
-    lam = resolve_schedule(config.step_size, step)
+    return succession_move(succession_coefficients(key, n), resolve_schedule(config.step_size, step), x, v, pbest,
+                           gbest, gworst, config=config)
+
+
+def succession_move(r, lam, x, v, pbest, gbest, gworst, *, config: SuccessionConfig = SuccessionConfig()):
+    """`succession` with its coefficients drawn (r: (4, P) from `succession_coefficients`) and the step size
+    resolved (lam: a scalar): the same step for any part of the pytrees (e.g. one module at a time)."""
+    n = r.shape[1]
+    lam = jnp.asarray(lam, jnp.float32)
 
     def move(xl, vl, pl, gl, wl):
         col = lambda c: c.reshape((n,) + (1,) * (xl.ndim - 1)).astype(xl.dtype)

@@ -5,7 +5,9 @@
     children, state = strategy.ask(strategy.generation_key(state), state, params)
     state = strategy.tell(state, children, fitness, params)     # score only needs_score(state)
 
-`ask` and `tell` are each one jitted call (params is static).
+`ask` and `tell` are each a small jitted plan (per-individual decisions) plus one jitted program per module, run
+once per module with the module's index traced (params is static): XLA compiles one program per distinct module
+shape, so compile time does not grow with the number of layers. Both are traceable (a caller may jit them whole).
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ A population here is the `factors` pytree of `Population` (leaves with the indiv
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Union
 
@@ -326,12 +327,32 @@ def mutate(key, factors, params: StrategyParams, step):
     )
 
 
-def make_offspring(key, population, fitness, n: int, params: StrategyParams, step):
-    """n children: parent selection -> crossover (probability cross_rate) -> mutation.
+# ---- one program per module signature ----
+# A generation runs as a small jitted plan (everything decided per individual: parents, merge weights, which
+# children are crossed, which individuals a mutation picks) and one jitted program per module, called for every
+# module with its index traced. XLA then compiles one program per distinct module shape (4 for SmolLM2: q/o, k/v,
+# gate/up, down) instead of one program over all 210 modules (about a minute of XLA:CPU compile per process).
 
-    population: pytree (P, ...); fitness: (P,). Returns (children (n, ...), parents (n, K) int32,
-    changed (n,) bool). A child that was neither crossed nor mutated is an exact copy of parents[:, 0].
-    """
+def module_names(tree) -> list:
+    """The population's modules: its top-level keys, sorted ([None]: the tree is not a dict, one module)."""
+    return sorted(tree) if isinstance(tree, dict) and tree else [None]
+
+
+def module_of(tree, name):
+    return tree if name is None else tree[name]
+
+
+def from_modules(names: list, parts: list):
+    """Inverse of `module_names` / `module_of`."""
+    return parts[0] if names == [None] else dict(zip(names, parts))
+
+
+def offspring_plan(key, fitness, n: int, params: StrategyParams, step) -> dict:
+    """Everything about n children that is decided per individual (not per gene): a dict of small arrays.
+
+    parents (n, K) int32; crossed (n,) bool; weights (n, K) (only when crossover is on); k_cross: the crossover
+    key (module m merges with fold_in(k_cross, m)); picked (n,) bool and gene_keys (n, g): the mutation's picks
+    and per-individual gene keys (module m uses fold_in(gene_key, m)); sigma: the resolved noise scale."""
     k_sel, k_w, k_cross, k_rate, k_mut = jax.random.split(key, 5)
     kp = params.n_parents
     parents = selection_ops.select_parents(
@@ -343,17 +364,82 @@ def make_offspring(key, population, fitness, n: int, params: StrategyParams, ste
         truncation_percent=params.truncation_percent,
         rank_pressure=params.rank_pressure,
     ).reshape(n, kp)
-    copies = tree_take(population, parents[:, 0])
+    plan = {"parents": parents, "k_cross": k_cross, "crossed": jnp.zeros((n,), bool)}
     if params.cross_rate > 0 and kp > 1:
-        weights = parent_weights(k_w, jnp.asarray(fitness, jnp.float32)[parents], params.cross_weights)
-        merged = _merge().crossover(k_cross, population, parents, weights, config=params.cross_config)
-        crossed = jax.random.bernoulli(k_rate, params.cross_rate, (n,))
-        children = tree_where(crossed, merged, copies)
-    else:
-        crossed = jnp.zeros((n,), bool)
-        children = copies
-    children, mutated = mutate(k_mut, children, params, step)
-    return children, parents, crossed | mutated
+        plan["weights"] = parent_weights(k_w, jnp.asarray(fitness, jnp.float32)[parents], params.cross_weights)
+        plan["crossed"] = jax.random.bernoulli(k_rate, params.cross_rate, (n,))
+    n_gene_keys = 1 if params.mutation == "gaussian" else 2
+    plan["picked"], plan["gene_keys"] = mutation_ops.pick_individuals(k_mut, n, params.individual_mutation_rate,
+                                                                      n_gene_keys)
+    plan["sigma"] = mutation_ops.resolve_schedule(params.sigma_schedule, step)
+    return plan
+
+
+def breed_module(plan: dict, mi, module, params: StrategyParams):
+    """The n children's module `mi` (module: this module's pytree of (P, ...) parents): copy parents[:, 0], merge
+    the crossed children's parents, mutate. Returns (children (n, ...), mutated (n,) bool)."""
+    parents = plan["parents"]
+    children = tree_take(module, parents[:, 0])
+    if "weights" in plan:
+        merged = _merge().crossover(jax.random.fold_in(plan["k_cross"], mi), {"m": module}, parents,
+                                    plan["weights"], config=params.cross_config)["m"]
+        children = tree_where(plan["crossed"], merged, children)
+    fold = jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(0, None)), in_axes=(0, None))
+    keys = fold(plan["gene_keys"], mi)  # (n, g)
+    rates = dict(gene_rate=params.gene_mutation_rate, sigma=plan["sigma"])
+    if params.mutation == "gaussian":
+        return mutation_ops.gaussian_mutation_picked(keys[:, 0], plan["picked"], children, **rates)
+    out, mutated = mutation_ops.svd_mutation_picked(keys, plan["picked"], {"m": children}, **rates)
+    return out["m"], mutated
+
+
+@functools.partial(jax.jit, static_argnames=("params",))
+def _offspring_module(plan, mi, module, changed, params: StrategyParams):
+    """One module of the children, with the elites' copies (plan["elites"]) in front; changed |= mutated."""
+    children, mutated = breed_module(plan, mi, module, params)
+    if "elites" in plan:
+        children = tree_concat(tree_take(module, plan["elites"]), children)
+    return children, changed | mutated
+
+
+def breed(plan: dict, population, params: StrategyParams):
+    """Every module of the children of `plan` (elites first when plan has "elites"): one call per module.
+    Returns (children, changed (n,) bool: crossed or mutated anywhere)."""
+    names = module_names(population)
+    parts, changed = [], plan["crossed"]
+    for mi, name in enumerate(names):
+        child, changed = _offspring_module(plan, jnp.int32(mi), module_of(population, name), changed, params=params)
+        parts.append(child)
+    return from_modules(names, parts), changed
+
+
+_offspring_plan = jax.jit(offspring_plan, static_argnames=("n", "params"))
+
+
+def make_offspring(key, population, fitness, n: int, params: StrategyParams, step):
+    """n children: parent selection -> crossover (probability cross_rate) -> mutation.
+
+    population: pytree (P, ...); fitness: (P,). Returns (children (n, ...), parents (n, K) int32,
+    changed (n,) bool). A child that was neither crossed nor mutated is an exact copy of parents[:, 0].
+    One small plan, then one program per module (see `offspring_plan`, `breed`).
+    """
+    plan = _offspring_plan(key, fitness, n, params, step)
+    children, changed = breed(plan, population, params)
+    return children, plan["parents"], changed
+
+
+@jax.jit
+def pick_row(cond, i, tree, old):
+    """tree_where(cond, tree[i], old) for one module (tree (P, ...), old without the P axis)."""
+    return tree_where(cond, tree_index(tree, i), old)
+
+
+def per_module(fn, names: list, *trees):
+    """fn(*modules) for every module (jitted fn: one compile per module shape); results joined back per output."""
+    outs = [fn(*(module_of(t, name) for t in trees)) for name in names]
+    if isinstance(outs[0], tuple):
+        return tuple(from_modules(names, list(col)) for col in zip(*outs))
+    return from_modules(names, outs)
 
 
 def initial_population(key, experts, n: int | None = None, *, params: StrategyParams | None = None,

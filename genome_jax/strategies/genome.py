@@ -1,10 +1,10 @@
 """GENOME: a generational genetic algorithm over LoRA adapters with elitism.
 
-One generation (`ask`, one jitted call): the `n_elite` best individuals are copied unchanged, and the other
-P - n_elite children are bred by parent selection -> crossover (a merge of `n_parents` parents with probability
-`cross_rate`) -> mutation. The caller scores the children that `needs_score` marks; `tell` (one jitted call) makes
-the children the new population (elites keep their fitness; nothing is re-scored that did not change), tracks the
-best individual ever seen, the fitness history and the early-stopping counter.
+One generation (`ask`: a small jitted plan, then one jitted program per module): the `n_elite` best individuals are
+copied unchanged, and the other P - n_elite children are bred by parent selection -> crossover (a merge of
+`n_parents` parents with probability `cross_rate`) -> mutation. The caller scores the children that `needs_score`
+marks; `tell` makes the children the new population (elites keep their fitness; nothing is re-scored that did not
+change), tracks the best individual ever seen, the fitness history and the early-stopping counter.
 
     state = init(key, population, fitness, params)
     while not done(state, params):
@@ -77,36 +77,51 @@ def generation_key(state) -> jax.Array:
     return jax.random.fold_in(state.key, state.generation)
 
 
-@functools.partial(jax.jit, static_argnames=("params",))
 def ask(key, state: GenomeState, params: StrategyParams):
-    """Returns (children (P, ...), state with child_source set)."""
+    """Returns (children (P, ...), state with child_source set).
+
+    A small jitted plan (elites, parents, weights, picks), then one jitted program per module (common.breed)."""
+    plan = _ask_plan(key, state.fitness, state.generation, params)
+    children, changed = common.breed(plan, state.population, params)
+    return children, state.replace(child_source=_child_source(plan, changed))
+
+
+@functools.partial(jax.jit, static_argnames=("params",))
+def _ask_plan(key, fitness, generation, params):
     p = params.population_size
     n_elite = params.n_elite(p)
-    elite_idx = selection_ops.elites(state.fitness, n_elite)
-    bred, parents, changed = common.make_offspring(
-        key, state.population, state.fitness, p - n_elite, params, state.generation
-    )
-    children = common.tree_concat(common.tree_take(state.population, elite_idx), bred) if n_elite else bred
-    source = jnp.concatenate([elite_idx, jnp.where(changed, -1, parents[:, 0])]).astype(jnp.int32)
-    return children, state.replace(child_source=source)
+    plan = common.offspring_plan(key, fitness, p - n_elite, params, generation)
+    if n_elite:
+        plan["elites"] = selection_ops.elites(fitness, n_elite)
+    return plan
 
 
-@functools.partial(jax.jit, static_argnames=("params",))
+@jax.jit
+def _child_source(plan, changed):
+    bred = jnp.where(changed, -1, plan["parents"][:, 0])
+    return (jnp.concatenate([plan["elites"], bred]) if "elites" in plan else bred).astype(jnp.int32)
+
+
 def tell(state: GenomeState, children, fitness, params: StrategyParams) -> GenomeState:
-    """children: (P, ...) from `ask`; fitness: (P,) (entries of unchanged copies are ignored)."""
-    f = common.inherit_fitness(fitness, state.child_source, state.fitness)
+    """children: (P, ...) from `ask`; fitness: (P,) (entries of unchanged copies are ignored).
+    A small jitted plan, then the best individual copied module by module."""
+    s = _tell_plan(state.child_source, state.fitness, state.best_fitness, state.stall, state.history,
+                   state.generation, fitness)
+    pick = lambda ch, old: common.pick_row(s["better"], s["b"], ch, old)
+    best = common.per_module(pick, common.module_names(children), children, state.best)
+    return state.replace(population=children, fitness=s["f"], best=best, best_fitness=s["best_fitness"],
+                         generation=s["generation"], stall=s["stall"], history=s["history"])
+
+
+@jax.jit
+def _tell_plan(child_source, parent_fitness, best_fitness, stall, history, generation, fitness):
+    f = common.inherit_fitness(fitness, child_source, parent_fitness)
     b = selection_ops.descending_order(f)[0]
-    better = common.improves(f[b], state.best_fitness)
-    gen = state.generation + 1
-    return state.replace(
-        population=children,
-        fitness=f,
-        best=common.tree_where(better, common.tree_index(children, b), state.best),
-        best_fitness=jnp.where(better, f[b], state.best_fitness),
-        generation=gen,
-        stall=jnp.where(better, 0, state.stall + 1),
-        history=common.record_history(state.history, gen, common.fitness_stats(f)),
-    )
+    better = common.improves(f[b], best_fitness)
+    gen = generation + 1
+    return {"f": f, "b": b, "better": better, "best_fitness": jnp.where(better, f[b], best_fitness),
+            "generation": gen, "stall": jnp.where(better, 0, stall + 1),
+            "history": common.record_history(history, gen, common.fitness_stats(f))}
 
 
 def done(state, params: StrategyParams) -> bool:
