@@ -1,6 +1,6 @@
 """`genome demo`: the one-command end-to-end demo on SmolLM2-135M-Instruct, on this machine.
 
-    fetch the model (cached) -> train or reuse the LoRA expert pool (4 experts; cached; docs/EXPERTS.md) -> start the vLLM evaluator
+    fetch the model (cached) -> train or reuse the LoRA expert pool (3 experts; cached; docs/EXPERTS.md) -> start the vLLM evaluator
     -> GENOME+ for a few generations on the target task (arc_e: no expert saw any of its items; dev split, loglik)
     -> table on the test split: base model, uniform merge of the experts, best initial expert, evolved best, top-k
        ensembles, each with the standard error of its accuracy, and whether the evolved best's gain is beyond noise;

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "holds out test[:200]")
     p.add_argument("--demo", action="store_true", help="build or reuse the demo's cached pool, print its path")
     p.add_argument("--pool", choices=sorted(POOLS), default=None,
-                   help="build or reuse a named cached pool (demo: 4 experts, <= 10 min; quality: 6 experts; smoke: 2 experts x 3 steps, for plumbing tests)")
+                   help="build or reuse a named cached pool (demo: 3 experts, <= 10 min; quality: 6 candidate sources; smoke: 2 experts x 3 steps, for plumbing tests)")
     p.add_argument("--rank", type=int, default=D.rank)
     p.add_argument("--alpha", type=float, default=D.alpha, help="LoRA alpha while training (scale alpha/rank)")
     p.add_argument("--targets", nargs="+", default=list(D.targets), help="target modules (short names)")

@@ -479,24 +479,27 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 # --------------------------------------------------------------------------------------------------- demo pool
 # Targets: arc_e, piqa and hellaswag, where the base model is above chance under loglik scoring, stay untouched by
 # every expert (no item of theirs is trained on), so they can serve as evolution targets and zero-shot tasks.
-# Each expert trains on test[200:] of its own task and is reported on test[:200]; dev tuned the recipe.
+# Each expert trains on test[200:] of its own task and is reported on test[:200] (docs/EXPERTS.md). A source stays
+# in the demo pool only if its expert beats the base model on its own DEV split by 2 paired SE: openbookqa,
+# hellaswag, winogrande and medmcqa did not under this recipe (gains 0.0, 0.0, -0.035, +0.01 on dev[:200]).
 DEMO_TARGET = "arc_e"
 DEMO_EXPERTS: tuple[ExpertSpec, ...] = (
     ExpertSpec("commonsense_qa", "commonsense_qa", "test", 200),
     ExpertSpec("truthfulqa", "truthfulqa", "test", 200),
     ExpertSpec("boolq", "boolq", "test", 200),
-    ExpertSpec("openbookqa", "openbookqa", "test", 200),
 )
 DEMO_CONFIG = TrainConfig()
-# The larger pool (genome bench quality): the demo's four plus two more sources, same recipe.
+# The larger candidate pool (six distinct sources, same recipe). Only the demo's three beat the base model so far;
+# the other three need a better recipe (docs/EXPERTS.md).
 QUALITY_EXPERTS: tuple[ExpertSpec, ...] = DEMO_EXPERTS + (
+    ExpertSpec("openbookqa", "openbookqa", "test", 200),
     ExpertSpec("arc_c", "arc_c", "test", 200),
     ExpertSpec("mmlu", "mmlu", "test", 200),
 )
 QUALITY_CONFIG = TrainConfig()
-# A smoke-sized pool for plumbing tests (the suite's demo and quality-bench runs): two of the demo's experts,
-# three steps each. No claim about quality; its own recipe hash keeps it apart from the real pools.
-SMOKE_EXPERTS: tuple[ExpertSpec, ...] = (DEMO_EXPERTS[0], DEMO_EXPERTS[3])
+# A smoke-sized pool for plumbing tests (the suite's demo run): two experts, three steps each. No claim about
+# quality; its own recipe hash keeps it apart from the real pools.
+SMOKE_EXPERTS: tuple[ExpertSpec, ...] = (QUALITY_EXPERTS[0], QUALITY_EXPERTS[3])
 SMOKE_CONFIG = TrainConfig(steps=3, warmup_steps=1)
 
 
