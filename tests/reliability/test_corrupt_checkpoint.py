@@ -13,23 +13,25 @@ import pytest
 from rel_helpers import SYNTHETIC, assert_same_outcome, copy_run, describe, genome, orphans
 
 
-def _largest_array_file(step: Path) -> Path:
-    files = [p for p in (step / "state").rglob("*") if p.is_file() and "/d/" in str(p.relative_to(step.parent))]
-    return max(files, key=lambda p: p.stat().st_size)
+def _array_files(step: Path) -> list[Path]:
+    return [p for p in (step / "state").rglob("*") if p.is_file() and "/d/" in str(p.relative_to(step.parent))]
 
 
+# Every array data file of the step is damaged: a step's arrays may span several data files (how orbax splits them
+# varies from run to run), so damaging only the largest could leave a step that still restores (seen once: a
+# flaky "every step damaged" run that fell back to an intact step).
 def _truncate(step: Path) -> None:
-    f = _largest_array_file(step)
-    data = f.read_bytes()
-    f.write_bytes(data[: len(data) // 2])
+    for f in _array_files(step):
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
 
 
 def _flip(step: Path) -> None:
-    f = _largest_array_file(step)
-    data = bytearray(f.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
-    f.write_bytes(bytes(data))
+    for f in _array_files(step):
+        data = bytearray(f.read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
+        f.write_bytes(bytes(data))
 
 
 def _missing_manifest(step: Path) -> None:
