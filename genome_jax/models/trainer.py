@@ -542,6 +542,31 @@ def _find_trained(root: Path, digest: str, name: str) -> Path | None:
     return None
 
 
+def _train_or_copy(root: Path, out: Path, model_path, experts: Sequence[ExpertSpec], hashes: Sequence[str | None],
+                   make_examples: Callable[[], Sequence[Sequence[Example]]], cfg: TrainConfig, progress: bool) -> None:
+    """Fill `out` with the pool: each expert whose hash names one in a finished cached pool is copied (with its log
+    entry, marked copied_from); the rest are trained. Writes each expert's hash file and out/train_log.json."""
+    found = [_find_trained(root, h, e.name) if h else None for e, h in zip(experts, hashes)]
+    todo = [i for i, f in enumerate(found) if f is None]
+    entries: dict[int, dict] = {}
+    if todo:
+        examples = make_examples()
+        log = train_pool(model_path, [experts[i] for i in todo], [examples[i] for i in todo], out, cfg,
+                         progress=progress)
+        entries.update(zip(todo, log["experts"]))
+    for i, src in enumerate(found):
+        if src is not None:  # the same expert, bit for bit
+            shutil.copytree(src, out / experts[i].name)
+            old = json.loads((src.parent / "train_log.json").read_text())
+            entries[i] = {**next(e for e in old["experts"] if e["name"] == experts[i].name),
+                          "copied_from": src.parent.name}
+    for e, h in zip(experts, hashes):
+        if h:
+            (out / e.name / EXPERT_HASH_FILE).write_text(h + "\n")
+    _write_json_atomic(out / "train_log.json", {"model_path": os.fspath(model_path), "config": _cfg_json(cfg),
+                                                "experts": [entries[i] for i in range(len(experts))]})
+
+
 def ensure_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec],
                 make_examples: Callable[[], Sequence[Sequence[Example]]], *, data_digest: str,
                 expert_digests: Sequence[str] | None = None,
@@ -570,42 +595,7 @@ def ensure_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec],
         try:
             hashes = [expert_hash(model_path, e, cfg, d) for e, d in zip(experts, expert_digests)] \
                 if expert_digests is not None else [None] * len(experts)
-            found = [_find_trained(root, h, e.name) if h else None for e, h in zip(experts, hashes)]
-            todo = [i for i, f in enumerate(found) if f is None]
-            entries: dict[int, dict] = {}
-            if todo:
-                examples = make_examples()
-                log = train_pool(model_path, [experts[i] for i in todo], [examples[i] for i in todo], tmp, cfg,
-                                 progress=progress)
-                entries.update(zip(todo, log["experts"]))
-            for i, src in enumerate(found):
-                if src is not None:  # the same expert, bit for bit: copy it and its log entry
-                    shutil.copytree(src, tmp / experts[i].name)
-                    old = json.loads((src.parent / "train_log.json").read_text())
-                    entries[i] = next(e for e in old["experts"] if e["name"] == experts[i].name)
-                    entries[i]["copied_from"] = src.parent.name
-            for i, h in enumerate(hashes):
-                if h:
-                    (tmp / experts[i].name / EXPERT_HASH_FILE).write_text(h + "\n")
-            _write_json_atomic(tmp / "train_log.json", {"model_path": os.fspath(model_path), "config": _cfg_json(cfg),
-                                                        "experts": [entries[i] for i in range(len(experts))]})
-            if annotate is not None:
-                annotate(tmp)
-            (tmp / "READY").write_text(digest + "\n")
-            if dest.exists():  # a stale, unfinished folder from an older layout
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return dest
-    with open(root / f".{digest}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (dest / "READY").is_file():
-            return dest
-        tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.tmp-", dir=root))
-        try:
-            train_pool(model_path, experts, make_examples(), tmp, cfg, progress=progress)
+            _train_or_copy(root, tmp, model_path, experts, hashes, make_examples, cfg, progress)
             if annotate is not None:
                 annotate(tmp)
             (tmp / "READY").write_text(digest + "\n")
