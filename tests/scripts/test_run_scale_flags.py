@@ -84,20 +84,20 @@ def test_population_that_does_not_split_is_refused_before_work(tmp_path):
 # ------------------------------------------------------------------------------ what the evaluator is given
 def test_placement_values_reach_make_evaluator(tmp_path):
     from genome_jax.run_config import load_run_config
-    from scripts import run_loop
+    from scripts import run_loop, scoring
 
     cfg = load_run_config({"tasks": ["synthetic"], "eval_devices": " 0, 1,GPU-ab12 "})
     assert cfg.eval_devices == " 0, 1,GPU-ab12 "
     cfg, _ = run_loop.prepare({"tasks": ["synthetic"], "eval_devices": " 0, 1,GPU-ab12 ",
                                "output_dir": str(tmp_path / "a")})
     assert cfg.eval_devices == "0,1,GPU-ab12"  # canonical, as the evaluators parse it
-    kw = run_loop.evaluator_kwargs(cfg, rank=4)
-    assert kw == {"endpoints": None, "eval_mode": "auto", "max_lora_rank": 16, "retries": run_loop.EVAL_RETRIES,
+    kw = scoring.evaluator_kwargs(cfg, rank=4)
+    assert kw == {"endpoints": None, "eval_mode": "auto", "max_lora_rank": 16, "retries": scoring.EVAL_RETRIES,
                   "eval_devices": "0,1,GPU-ab12"}
 
     cfg, _ = run_loop.prepare({"tasks": ["synthetic"], "ray_address": "ray://head:10001", "ray_actors": 3,
                                "eval_mode": "lora", "output_dir": str(tmp_path / "b")})
-    kw = run_loop.evaluator_kwargs(cfg, rank=32)
+    kw = scoring.evaluator_kwargs(cfg, rank=32)
     # Ray replaces lost actors itself: no `retries` (RayBackend takes none)
     assert kw == {"endpoints": None, "eval_mode": "lora", "max_lora_rank": 32, "ray_address": "ray://head:10001",
                   "ray_actors": 3}
@@ -110,12 +110,12 @@ def test_placement_values_reach_make_evaluator(tmp_path):
 
     # the default: one managed worker, retried after a crash; no placement keys
     cfg, _ = run_loop.prepare({"tasks": ["synthetic"], "output_dir": str(tmp_path / "c")})
-    assert run_loop.evaluator_kwargs(cfg, rank=8) == {"endpoints": None, "eval_mode": "auto", "max_lora_rank": 16,
-                                                       "retries": run_loop.EVAL_RETRIES}
+    assert scoring.evaluator_kwargs(cfg, rank=8) == {"endpoints": None, "eval_mode": "auto", "max_lora_rank": 16,
+                                                       "retries": scoring.EVAL_RETRIES}
     assert (cfg.devices, cfg.eval_devices, cfg.ray_address, cfg.ray_actors) == (0, None, None, None)
     # --eval_dtype float32 reaches the engine (ManagedBackend / DevicePoolBackend / RayBackend take `dtype`)
     cfg, _ = run_loop.prepare({"tasks": ["synthetic"], "eval_dtype": "float32", "output_dir": str(tmp_path / "d")})
-    assert run_loop.evaluator_kwargs(cfg, rank=8)["dtype"] == "float32"
+    assert scoring.evaluator_kwargs(cfg, rank=8)["dtype"] == "float32"
 
 
 def test_config_file_spellings(tmp_path):
