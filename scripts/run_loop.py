@@ -44,15 +44,6 @@ def _check_task(name: str, scoring: str | None, splits: tuple[str, ...] = ()) ->
         task.load(split)
 
 
-def _merge_methods() -> tuple[str, ...] | None:
-    try:
-        from genome_jax.operators import merge
-    except ImportError:  # merge operators not built yet: the strategy will refuse unknown names itself
-        return None
-    methods = getattr(merge, "METHODS", None)
-    return tuple(methods) if methods is not None else None
-
-
 def read_saved_config(out_dir: Path) -> RunConfig | None:
     path = out_dir / RUN_CONFIG
     if not path.exists():
@@ -92,7 +83,7 @@ def prepare(flags: Mapping[str, Any], *, config_file: str | None = None,
         base = saved.to_dict()
         flags = {**flags, "output_dir": resume_dir}
 
-    cfg = load_run_config(flags, config_file, base=base, merge_methods=_merge_methods())
+    cfg = load_run_config(flags, config_file, base=base)
     # absolute paths: the saved config must mean the same folders when the run is resumed from elsewhere
     cfg = dataclasses.replace(cfg, **{k: str(Path(v).expanduser().absolute()) for k in ("lora_dir", "model_path")
                                       if (v := getattr(cfg, k)) is not None})

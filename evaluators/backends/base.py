@@ -212,7 +212,7 @@ def make_evaluator(model: str, *, endpoints: Sequence[str] | None = None, eval_m
 
         model = os.path.expanduser(model)
         if ray_address == "local" and not os.path.isdir(model):
-            raise UserError(f"--model_path {model}: not a folder (a local Hugging Face checkpoint is needed)")
+            raise UserError(f"model_path {model}: not a folder (a local Hugging Face checkpoint is needed)")
         backend = RayBackend(model, address=None if ray_address == "local" else ray_address, num_actors=ray_actors,
                              mode=eval_mode, max_lora_rank=max_lora_rank, max_loras=max_loras, **backend_kwargs)
     elif eval_devices is not None and len(_devices(eval_devices)) > 1:
@@ -220,7 +220,7 @@ def make_evaluator(model: str, *, endpoints: Sequence[str] | None = None, eval_m
 
         model = os.path.expanduser(model)
         if not os.path.isdir(model):
-            raise UserError(f"--model_path {model}: not a folder (a local Hugging Face checkpoint is needed)")
+            raise UserError(f"model_path {model}: not a folder (a local Hugging Face checkpoint is needed)")
         backend = DevicePoolBackend(model, _devices(eval_devices), mode=eval_mode, max_lora_rank=max_lora_rank,
                                     max_loras=max_loras, **backend_kwargs)
     else:
@@ -231,7 +231,7 @@ def make_evaluator(model: str, *, endpoints: Sequence[str] | None = None, eval_m
 
         model = os.path.expanduser(model)
         if not os.path.isdir(model):
-            raise UserError(f"--model_path {model}: not a folder (a local Hugging Face checkpoint is needed)")
+            raise UserError(f"model_path {model}: not a folder (a local Hugging Face checkpoint is needed)")
         backend = ManagedBackend(model, mode=eval_mode, max_lora_rank=max_lora_rank, max_loras=max_loras,
                                  **backend_kwargs)
     return Evaluator(backend, model=model, max_lora_rank=max_lora_rank, cache=ResultCache(cache_dir),

@@ -31,13 +31,13 @@ def parse_devices(devices: str | Sequence[str | int]) -> list[str]:
     items = devices.split(",") if isinstance(devices, str) else [str(d) for d in devices]
     items = [d.strip() for d in items]
     if not items or any(not d for d in items):
-        raise UserError(f"--eval_devices {devices!r}: expected a comma-separated list such as 0,1,2,3")
+        raise UserError(f"eval_devices {devices!r}: expected a comma-separated list such as 0,1,2,3")
     bad = [d for d in items if not _DEVICE.match(d)]
     if bad:
-        raise UserError(f"--eval_devices: {bad[0]!r} is not a device index or GPU UUID")
+        raise UserError(f"eval_devices: {bad[0]!r} is not a device index or GPU UUID")
     dup = sorted({d for d in items if items.count(d) > 1})
     if dup:
-        raise UserError(f"--eval_devices: device {dup[0]} is listed twice (one engine per device)")
+        raise UserError(f"eval_devices: device {dup[0]} is listed twice (one engine per device)")
     return items
 
 

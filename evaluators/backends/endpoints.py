@@ -78,7 +78,7 @@ class EndpointsBackend:
     def __init__(self, endpoints: list[str], *, model: str | None = None, per_endpoint: int = 4,
                  request_timeout_s: float = 900.0, **_ignored):
         if not endpoints:
-            raise UserError("--endpoints needs at least one http://host:port")
+            raise UserError("endpoints needs at least one http://host:port")
         self.endpoints = [Endpoint(u, request_timeout_s) for u in endpoints]
         self.model = model
         self.per_endpoint = max(1, per_endpoint)
@@ -97,7 +97,7 @@ class EndpointsBackend:
         try:
             self._connect()
         except EvaluatorCrashed as e:
-            raise UserError(f"--endpoints: {e}") from None
+            raise UserError(f"endpoints: {e}") from None
 
     # ---- one individual on one endpoint -------------------------------------------------------------------------
     def _score(self, ep: Endpoint, model: str, requests: list) -> list:
@@ -171,7 +171,7 @@ class EndpointsBackend:
     def answer(self, jobs: list[tuple[str | None, str | None, list]], *, mode: str | None = None,
                timeout_s: float | None = None, on_progress: Callable[[int], None] | None = None):
         if mode not in (None, "auto", "lora"):
-            raise UserError(f"--eval_mode {mode} is not available with --endpoints (servers use multi-LoRA)")
+            raise UserError(f"eval_mode {mode!r} is not available with endpoints (servers use multi-LoRA)")
         self._connect()
         results: list = [None] * len(jobs)
         done = [0]

@@ -78,7 +78,7 @@ class ManagedBackend:
         env: dict | None = None,
     ):
         if mode not in ("auto", "swap", "lora"):
-            raise UserError(f"--eval_mode must be auto, swap or lora, not {mode!r}")
+            raise UserError(f"eval_mode must be auto, swap or lora, not {mode!r}")
         self.model = model
         self.max_lora_rank = max_lora_rank
         self.cfg = dict(model=model, mode=mode, dtype=dtype, max_lora_rank=max_lora_rank, max_loras=max_loras,

@@ -75,7 +75,7 @@ def check_rank(info: AdapterInfo, max_lora_rank: int) -> None:
     if info.rank > max_lora_rank:
         raise UserError(
             f"{info.path}: LoRA rank {info.rank} is above max_lora_rank={max_lora_rank}; "
-            f"restart the evaluator with --max_lora_rank {_next_pow2(info.rank)} (or higher)"
+            f"restart the evaluator with max_lora_rank {_next_pow2(info.rank)} (or higher)"
         )
 
 

@@ -195,9 +195,9 @@ class RayBackend:
         ship_code: bool | None = None,
     ):
         if mode not in ("auto", "swap", "lora"):
-            raise UserError(f"--eval_mode must be auto, swap or lora, not {mode!r}")
+            raise UserError(f"eval_mode must be auto, swap or lora, not {mode!r}")
         if num_actors is not None and num_actors < 1:
-            raise UserError(f"--ray_actors must be >= 1, not {num_actors}")
+            raise UserError(f"ray_actors must be >= 1, not {num_actors}")
         self.model = model
         self.max_lora_rank = max_lora_rank
         self.cfg = dict(model=model, mode=mode, dtype=dtype, max_lora_rank=max_lora_rank, max_loras=max_loras,

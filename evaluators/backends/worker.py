@@ -324,7 +324,7 @@ class Engine:
         if mode != "lora":
             raise UserError(f"unknown eval mode {mode!r} (swap or lora)")
         if not self.lora_enabled:
-            raise UserError("this evaluator was started without LoRA support; start it with --eval_mode lora")
+            raise UserError("this evaluator was started without LoRA support; start it with eval_mode 'lora'")
         self.swap_to(None)  # restore base weights if a swap left some behind
         results: list = [None] * len(jobs)
         # Base-model jobs run in a batch of their own: vLLM's CPU LoRA kernels index the LoRA slots with the

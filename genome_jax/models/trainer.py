@@ -110,10 +110,10 @@ class ExpertSpec:
     @classmethod
     def parse(cls, text: str) -> "ExpertSpec":
         if "=" not in text:
-            raise UserError(f"--experts entry {text!r}: expected NAME=TASKFILE[:split[start:stop]]")
+            raise UserError(f"experts entry {text!r}: expected NAME=TASKFILE[:split[start:stop]]")
         name, rest = text.split("=", 1)
         if not name or "/" in name or name.startswith("."):
-            raise UserError(f"--experts entry {text!r}: invalid expert name {name!r}")
+            raise UserError(f"experts entry {text!r}: invalid expert name {name!r}")
         split, start, stop = "test", 0, None
         m = re.fullmatch(r"(.*):(dev|test)(?:\[(\d*):(\d*)\])?", rest, flags=re.DOTALL)
         if m:
@@ -121,9 +121,9 @@ class ExpertSpec:
             start = int(m.group(3) or 0)
             stop = int(m.group(4)) if m.group(4) else None
             if stop is not None and stop <= start:
-                raise UserError(f"--experts entry {text!r}: empty slice [{start}:{stop}]")
+                raise UserError(f"experts entry {text!r}: empty slice [{start}:{stop}]")
         if not rest:
-            raise UserError(f"--experts entry {text!r}: no task given")
+            raise UserError(f"experts entry {text!r}: no task given")
         return cls(name=name, task=rest, split=split, start=start, stop=stop)
 
     @property
@@ -361,7 +361,7 @@ def train_expert(key: jax.Array, params: llama.Params, config: llama.LlamaConfig
         lora, opt_state, loss = train_step(lora, opt_state, params, _device_batch(b), config=config, cfg=cfg)
         loss = float(loss)  # syncs: the timing below is honest
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr")
+            raise FloatingPointError(f"loss became {loss} at step {step}; lower lr")
         if t_first is None:
             t_first = time.perf_counter()
         losses.append(loss)

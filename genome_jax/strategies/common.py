@@ -459,7 +459,7 @@ def initial_population(key, experts, n: int | None = None, *, params: StrategyPa
     if k_experts < 1:
         raise UserError("initial population: no experts given")
     if not init_merge and n < k_experts:
-        raise UserError(f"initial population: --no-init-merge keeps all {k_experts} experts but the population size is {n}")
+        raise UserError(f"initial population: init_merge=False keeps all {k_experts} experts but the population size is {n}")
     n_merge = n if init_merge else n - k_experts
     if n_merge and k_experts < 2:
         raise UserError("initial population: random pairwise merges need at least 2 experts")

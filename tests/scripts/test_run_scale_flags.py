@@ -126,7 +126,7 @@ def test_config_file_spellings(tmp_path):
     cfg = load_run_config({}, f)
     assert cfg.devices == -1 and cfg.eval_devices == "0,1,2"
     f.write_text("tasks: [synthetic]\ndevices: 1\neval_devices: 3\nray_actors: 2\n")
-    with pytest.raises(Exception, match="--ray_actors needs --ray_address"):
+    with pytest.raises(Exception, match="ray_actors needs ray_address"):
         load_run_config({}, f)
     toml = tmp_path / "c.toml"
     toml.write_text("tasks = ['synthetic']\nray_address = 'auto'\nray_actors = 2\ndevices = 'all'\n")
