@@ -96,9 +96,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 _add_setting(group, s)
 
 
+def given_settings(args: argparse.Namespace) -> dict:
+    """{setting name: value} of the parsed flags (None: not given; the config file or the default decides)."""
+    return {s.name: getattr(args, s.name, None) for s in settings.SETTINGS}
+
+
 def run(args: argparse.Namespace) -> int:
     """Library errors name settings (`population_size`); scripts.cli spells them as these flags when it reports."""
-    flags = {s.name: getattr(args, s.name, None) for s in settings.SETTINGS}
+    flags = given_settings(args)
     run_loop.refuse_if_busy(flags, config_file=args.config, resume_dir=args.resume)  # one writer per folder
     cfg, out_dir = run_loop.prepare(flags, config_file=args.config, resume_dir=args.resume)
     changes = run_loop.check_data(cfg, out_dir, allow_change=args.allow_data_change)
