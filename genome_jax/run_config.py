@@ -22,20 +22,7 @@ from genome_jax import faults
 from genome_jax.errors import ParamError, UserError
 from genome_jax.model_store import sha256_file
 from genome_jax.operators.merge import MergeConfig
-from genome_jax.settings import (  # noqa: F401  (the constants are re-exported for callers of run_config)
-    BACKENDS,
-    BY_NAME,
-    EVAL_DTYPES,
-    EVAL_MODES,
-    KEYS,
-    METHODS,
-    RESUME_MAY_CHANGE,
-    SCORINGS,
-    SETTINGS,
-    SYNTHETIC,
-    Setting,
-    check_value,
-)
+from genome_jax.settings import BY_NAME, KEYS, RESUME_MAY_CHANGE, SETTINGS, SYNTHETIC, Setting, check_value
 from genome_jax.strategies import StrategyParams
 
 

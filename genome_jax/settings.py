@@ -102,7 +102,7 @@ SETTINGS: tuple[Setting, ...] = (
        none="equal"),
     _s("model_path", "str", None, "search", "base model folder", optional=True, none="the embedded SmolLM2-135M"),
     _s("lora_dir", "str", None, "search", "folder of PEFT LoRA expert folders (the parents)", optional=True,
-       none="required unless --tasks synthetic"),
+       none="required unless tasks is synthetic"),
     _s("method", "str", "genome", "search", "search strategy", choices=METHODS),
     _s("population_size", "int", 10, "search", "individuals per generation (genome_plus: the initial population)",
        low=2, to="strategy"),
@@ -118,7 +118,7 @@ SETTINGS: tuple[Setting, ...] = (
        "of them", switch="no-init-merge"),
     _s("seed", "int", 42, "search", "PRNG seed", low=0),
     _s("allow_overlap", "bool", False, "search", "run even if an expert's provenance shows it was trained on "
-       "dev/test items of a --tasks / --test_tasks task (recorded in result.json)", switch="allow-overlap",
+       "dev/test items of a task of tasks / test_tasks (recorded in result.json)", switch="allow-overlap",
        resume=True),
     # ---- operators: crossover, mutation, selection, succession (their hyperparameters)
     _s("combine_method", "str", "ties", "operators", "merge that builds the initial population from pairs of "
@@ -183,12 +183,12 @@ SETTINGS: tuple[Setting, ...] = (
        "0,1,2,3", optional=True, resume=True),
     _s("ray_address", "str", None, "placement", "vllm: one engine per Ray actor on a Ray cluster: local, auto or "
        "ray://host:port", optional=True, resume=True),
-    _s("ray_actors", "int", None, "placement", "with --ray_address: number of Ray actors", optional=True,
+    _s("ray_actors", "int", None, "placement", "with ray_address: number of Ray actors", optional=True,
        none="one per GPU, or per CPU", low=1, resume=True),
     # ---- output: where results go and what is reported after the search
     _s("output_dir", "str", None, "output", "run folder", optional=True, none="runs/<method>-<tasks>-s<seed>",
        resume=True),
-    _s("test_tasks", "str_list", (), "output", "tasks reported on the test split at the end; those not in --tasks "
+    _s("test_tasks", "str_list", (), "output", "tasks reported on the test split at the end; those not in tasks "
        "are unseen tasks", resume=True),
     _s("n_test", "int", None, "output", "test samples per task for the final report", optional=True, none="all",
        low=1, resume=True),
@@ -202,12 +202,9 @@ KEYS: dict[str, str] = {**{s.name: s.name for s in SETTINGS}, **{a: s.name for s
 assert len(KEYS) == len(SETTINGS) + sum(len(s.aliases) for s in SETTINGS) + sum(
     1 for s in SETTINGS if s.switch and s.switch.replace("-", "_") != s.name), "a key names two settings"
 RESUME_MAY_CHANGE: tuple[str, ...] = tuple(s.name for s in SETTINGS if s.resume)
-
-
-def flag_of(name: str) -> str:
-    """The `genome run` flag of a setting name (the name itself with dashes when it is no setting)."""
-    s = BY_NAME.get(name)
-    return s.flag if s is not None else f"--{name}"
+assert all(s.kind in KINDS and s.group in GROUPS and s.to in DESTINATIONS for s in SETTINGS)
+assert all(s.high is None for s in SETTINGS if s.kind == "int"), "an int range is a lower bound"
+assert all(s.high is not None for s in SETTINGS if s.kind == "float" and s.low is not None)
 
 
 def check_value(s: Setting, value: Any) -> None:
@@ -222,7 +219,7 @@ def check_value(s: Setting, value: Any) -> None:
     if s.low is None:
         return
     if s.kind == "int":
-        if value < s.low or (s.high is not None and value > s.high):
+        if value < s.low:
             raise ParamError(f"{{{s.name}}} must be at least {{low}}, got {{got}}", low=int(s.low), got=value)
         return
     ok = math.isfinite(value) and (value > s.low if s.low_open else value >= s.low) and value <= s.high
