@@ -81,7 +81,7 @@ def test_initial_population_pairs_distinct_experts_with_random_weights():
     same = initial_population(jax.random.PRNGKey(3), EXPERTS, 4, params=PARAMS, init_merge=False)
     for x, y in zip(_leaves(same), _leaves(EXPERTS)):
         np.testing.assert_array_equal(x, y)
-    with pytest.raises(UserError, match="no-init-merge"):
+    with pytest.raises(UserError, match="init_merge=False keeps all"):
         initial_population(jax.random.PRNGKey(3), EXPERTS, 3, params=PARAMS, init_merge=False)
 
 
