@@ -397,5 +397,6 @@ def strategy_settings(cfg: RunConfig) -> dict[str, Any]:
 
 
 def strategy_params(cfg: RunConfig) -> StrategyParams:
-    """The StrategyParams of the configured method (validated there too)."""
+    """The StrategyParams of the configured method (validated there too). With the strategy classes this becomes
+    `make_strategy(cfg.method, **strategy_settings(cfg))`; max_iter and early_stop_iter go to the loop."""
     return StrategyParams(**strategy_settings(cfg), patience=cfg.early_stop_iter, max_generations=cfg.max_iter)

@@ -8,7 +8,9 @@ import os
 import re
 import sys
 
+from evaluators.errors import UserError as EvalUserError
 from genome_jax.errors import ParamError
+from genome_jax.errors import UserError as EngineUserError
 from genome_jax.stopping import Stopped
 from scripts import quiet_errors
 
@@ -31,11 +33,7 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from evaluators.errors import UserError as EvalUserError
-    from genome_jax.errors import UserError as EngineUserError
-
-    return (EngineUserError, EvalUserError, FileNotFoundError, PermissionError)
+_USER_ERRORS = (EngineUserError, EvalUserError, FileNotFoundError, PermissionError)
 
 
 def _silence_stderr() -> None:
@@ -107,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("genome: interrupted\n")
         return 130
-    except _user_errors() as e:
+    except _USER_ERRORS as e:
         if debug:
             raise
         message = flag_message(e, flags)
