@@ -85,8 +85,7 @@ class Setting:
         return str(self.default)
 
 
-def _s(name, kind, default, group, help, **kw) -> Setting:
-    return Setting(name, kind, default, group, help, **kw)
+_s = Setting  # short, for the table
 
 
 _rate = dict(low=0.0, high=1.0)

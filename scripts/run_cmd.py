@@ -3,8 +3,8 @@
     genome run --tasks mmlu gsm8k arc_c --task_weights 0.4 0.3 0.3 --model_path M --lora_dir D \
         --combine_method ties --population_size 30 --max_iter 50
 
-Keys can also come from `--config FILE` (YAML or TOML, same names as the flags); flags given on the command line
-override the file. Re-running the same command with the same --output_dir resumes from the last complete
+Every setting (genome_jax/settings.py, grouped in --help) can also come from `--config FILE` (YAML or TOML, the
+flag names without dashes as keys); flags given on the command line override the file. Re-running the same command with the same --output_dir resumes from the last complete
 generation; `--resume DIR` does the same from the config saved in DIR. Every bad flag or key fails before any work
 with one line and exit status 1, leaving the output folder untouched.
 """
@@ -61,7 +61,7 @@ def _metavar(s: settings.Setting) -> str:
 def _add_setting(group, s: settings.Setting) -> None:
     """One setting as a flag. Every default is None, "not given": the config file or RunConfig supplies it."""
     if s.kind == "bool":  # a switch that flips the default; both spellings (dashes, underscores) work
-        names = dict.fromkeys([s.flag, s.flag.replace("-", "_").replace("__", "--", 1)])
+        names = dict.fromkeys([s.flag, "--" + s.flag[2:].replace("-", "_")])
         group.add_argument(*names, dest=s.name, action="store_const", const=not s.default, default=None,
                            help=_help(s))
         return
@@ -78,7 +78,6 @@ def _exit_1_error(message: str) -> None:  # bad flag values exit 1 like every ot
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.error = _exit_1_error  # type: ignore[method-assign]
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="YAML or TOML file of settings (keys: the flag names without dashes)")
     parser.add_argument("--resume", metavar="DIR", default=None, help="continue the run saved in DIR")
