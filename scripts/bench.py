@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, str] = {
     "trainer": "LoRA expert training steps (optax)",
     "scorer": "the JAX scorer vs vLLM",
     "scale": "operators vs device count (sharded population) and scoring vs number of vLLM engines",
+    "quality": "does evolution beat the best expert and the merges on unseen tasks? baselines, seeds, zero-shot",
     "gpu": "the GPU path: TIES (Pallas) + a generation at Llama-3-8B LoRA shapes, the JAX population scorer at 1B",
 }
 
