@@ -21,14 +21,19 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from evaluators import provenance
+from evaluators.tasks import get_task
+from genome_jax.errors import UserError
+from genome_jax.model_store import default_model_path
+from genome_jax.models import trainer
+from genome_jax.models.trainer import DEMO_CONFIG as D
+
 EXAMPLE_FORMAT = "loglik-continuation-v1"  # enters the pool's recipe hash: change it when the example text changes
 
 from genome_jax import stopping
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from genome_jax.models.trainer import DEMO_CONFIG as D
-
     p.add_argument("--model_path", default=None, help="HF Llama folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--out", default=None, help="output folder for the adapters (required unless --demo/--pool)")
     p.add_argument("--experts", nargs="+", default=None, metavar="NAME=TASK[:split[start:stop]]",
@@ -80,9 +85,7 @@ def spec_items(task: Any, spec: Any) -> list[dict]:
 
 def pool_examples(model_path: str, specs: Sequence[Any], cfg: Any) -> list[list[Any]]:
     """One list of trainer.Example per expert spec (the tokenizer of the model folder)."""
-    from transformers import AutoTokenizer
-
-    from genome_jax.models import trainer
+    from transformers import AutoTokenizer  # heavy: only training a pool needs the tokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     return [trainer.continuation_examples(loglik_pairs(task, spec_items(task, s)), tok, max_len=cfg.seq_len)
@@ -102,29 +105,21 @@ def write_provenance(out_dir: Path, model_path: str, specs: Sequence[Any]) -> No
     """out_dir/<name>/genome_provenance.json per expert: exactly the items of its training slice (evaluators.provenance;
     `genome run` refuses a task whose dev/test items are among them). Over-long items that the trainer skipped are
     recorded too: the check errs towards refusing."""
-    from evaluators import provenance
-
     for spec, task in zip(specs, _tasks(model_path, specs)):
         entry = provenance.make_entry(task.name, getattr(task, "path", None), spec.split, spec_items(task, spec))
         provenance.write_provenance(Path(out_dir) / spec.name, [entry])
 
 
 def _tasks(model_path: str, specs: Sequence[Any]) -> list[Any]:
-    from evaluators.tasks.base import get_task
-
     return [get_task(s.task, formatter=model_path) for s in specs]
 
 
 def _user_error(msg: str) -> Exception:
-    from genome_jax.errors import UserError
-
     return UserError(msg)
 
 
 # --------------------------------------------------------------------------------------------- named pools
 def _pools() -> dict[str, tuple[Any, Any]]:
-    from genome_jax.models import trainer
-
     return {"demo": (trainer.DEMO_EXPERTS, trainer.DEMO_CONFIG),
             "quality": (trainer.QUALITY_EXPERTS, trainer.QUALITY_CONFIG),
             "smoke": (trainer.SMOKE_EXPERTS, trainer.SMOKE_CONFIG)}
@@ -135,8 +130,6 @@ POOLS = ("demo", "quality", "smoke")
 
 def ensure_pool(model_path: str, name: str = "demo", *, progress: bool = True) -> Path:
     """The named pool's folder (trained on first use, then cached by recipe hash)."""
-    from genome_jax.models import trainer
-
     specs, cfg = _pools()[name]
     return trainer.ensure_pool(model_path, specs, lambda: pool_examples(model_path, specs, cfg),
                                data_digest=data_digest(model_path, specs),
@@ -152,13 +145,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from genome_jax.errors import UserError
-    from genome_jax.models import trainer
-
     model_path = args.model_path
     if model_path is None:
-        from genome_jax.model_store import default_model_path
-
         model_path = default_model_path()
     model_path = os.path.expanduser(os.fspath(model_path))
     if not os.path.isdir(model_path):
