@@ -23,14 +23,13 @@ from typing import Any, Sequence
 
 from evaluators import provenance
 from evaluators.tasks import get_task
+from genome_jax import stopping
 from genome_jax.errors import UserError
 from genome_jax.model_store import default_model_path
 from genome_jax.models import trainer
 from genome_jax.models.trainer import DEMO_CONFIG as D
 
 EXAMPLE_FORMAT = "loglik-continuation-v1"  # enters the pool's recipe hash: change it when the example text changes
-
-from genome_jax import stopping
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,13 +62,13 @@ def loglik_pairs(task: Any, items: Sequence[dict]) -> list[tuple[str, str]]:
     loglik_requests, flattened in label order (one request with every option for most tasks, one per option for
     WinoGrande's partial scoring), at the gold label's position."""
     if "loglik" not in getattr(task, "modes", ()):
-        raise _user_error(f"task '{task.name}' has no loglik mode; train-experts trains on multiple-choice tasks")
+        raise UserError(f"task '{task.name}' has no loglik mode; train-experts trains on multiple-choice tasks")
     out = []
     for it in items:
         task.check_loglik_item(it)
         labels = list(it["choices"])
         if it.get("answer") not in labels:
-            raise _user_error(f"{task.name}: item {it.get('id', it.get('_index'))}: answer {it.get('answer')!r} "
+            raise UserError(f"{task.name}: item {it.get('id', it.get('_index'))}: answer {it.get('answer')!r} "
                               f"is not one of the choices {labels}")
         pairs = [(r.prompt, o) for r in task.loglik_requests(it) for o in r.options]
         out.append(pairs[labels.index(it["answer"])])
@@ -79,7 +78,7 @@ def loglik_pairs(task: Any, items: Sequence[dict]) -> list[tuple[str, str]]:
 def spec_items(task: Any, spec: Any) -> list[dict]:
     items = task.load(spec.split)
     if spec.start >= len(items):
-        raise _user_error(f"expert {spec.name}: {spec.label} is empty ({spec.split} has {len(items)} items)")
+        raise UserError(f"expert {spec.name}: {spec.label} is empty ({spec.split} has {len(items)} items)")
     return items[spec.start : spec.stop]
 
 
@@ -114,23 +113,16 @@ def _tasks(model_path: str, specs: Sequence[Any]) -> list[Any]:
     return [get_task(s.task, formatter=model_path) for s in specs]
 
 
-def _user_error(msg: str) -> Exception:
-    return UserError(msg)
-
-
 # --------------------------------------------------------------------------------------------- named pools
-def _pools() -> dict[str, tuple[Any, Any]]:
-    return {"demo": (trainer.DEMO_EXPERTS, trainer.DEMO_CONFIG),
-            "quality": (trainer.QUALITY_EXPERTS, trainer.QUALITY_CONFIG),
-            "smoke": (trainer.SMOKE_EXPERTS, trainer.SMOKE_CONFIG)}
-
-
-POOLS = ("demo", "quality", "smoke")
+_POOLS = {"demo": (trainer.DEMO_EXPERTS, trainer.DEMO_CONFIG),
+          "quality": (trainer.QUALITY_EXPERTS, trainer.QUALITY_CONFIG),
+          "smoke": (trainer.SMOKE_EXPERTS, trainer.SMOKE_CONFIG)}
+POOLS = tuple(_POOLS)
 
 
 def ensure_pool(model_path: str, name: str = "demo", *, progress: bool = True) -> Path:
     """The named pool's folder (trained on first use, then cached by recipe hash)."""
-    specs, cfg = _pools()[name]
+    specs, cfg = _POOLS[name]
     return trainer.ensure_pool(model_path, specs, lambda: pool_examples(model_path, specs, cfg),
                                data_digest=data_digest(model_path, specs),
                                expert_digests=[data_digest(model_path, [s]) for s in specs], cfg=cfg,
