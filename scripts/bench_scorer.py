@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from evaluators.tasks.base import get_task
+    from evaluators.tasks import get_task
     from genome_jax.models import llama, scorer
 
     model_path = args.model_path

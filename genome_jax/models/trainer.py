@@ -35,9 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from genome_jax.errors import UserError
 from genome_jax.models import llama
+from genome_jax.population import Population, PopulationMeta, export_adapter
 
 SPLITS = ("dev", "test")
 
@@ -400,8 +402,6 @@ def train_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], exa
     The caller builds the examples (scripts/train_experts.py: the task's loglik context + the gold option's text),
     so genome_jax knows nothing about tasks. Returns the log dict (recipe, per-expert loss curve, tokens, seconds,
     the training slice and the held-out slice of every expert)."""
-    from genome_jax.population import Population, PopulationMeta, export_adapter
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     names = [e.name for e in experts]
     if not experts:
@@ -457,8 +457,6 @@ def _curve(losses: Sequence[float], points: int = 6) -> str:
 def _bar(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
 
 

@@ -93,7 +93,7 @@ def test_population_chunks_and_single_adapters_agree(tiny):
 
 
 def _requests():
-    from evaluators.tasks.base import get_task
+    from evaluators.tasks import get_task
 
     mmlu = get_task("mmlu")
     arc = get_task("arc_c")
@@ -146,7 +146,7 @@ def test_population_scores_match_transformers_peft(model_path, smollm2_tokenizer
 @pytest.mark.slow
 def test_jax_scorer_evaluate_returns_task_results(model_path, make_peft_adapter, tmp_path):
     """JaxScorer.evaluate: per individual, the task's own TaskResult from the scorer's responses."""
-    from evaluators.tasks.base import get_task
+    from evaluators.tasks import get_task
 
     make_peft_adapter(tmp_path / "a", rank=4, alpha=8, seed=5, scale=4.0)
     make_peft_adapter(tmp_path / "b", rank=4, alpha=8, seed=6, scale=4.0)
