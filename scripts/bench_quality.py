@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import matplotlib
 import numpy as np
 
 from evaluators import stats
@@ -34,7 +37,9 @@ from evaluators.provenance import read_provenance
 from evaluators.tasks import get_task, list_tasks
 from genome_jax import reporting
 from genome_jax.errors import UserError
-from genome_jax.population import adapter_folders
+from genome_jax.model_store import default_model_path
+from genome_jax.operators.merge import MergeConfig, crossover
+from genome_jax.population import Population, adapter_folders, export_adapter, load_population
 from genome_jax.run_config import file_digests, load_run_config
 from scripts import demo, run_loop, train_experts
 
@@ -145,12 +150,6 @@ def _begin(out: Path, cfg: dict, digests: dict) -> None:
 # ------------------------------------------------------------------------------------------------ baselines
 def merges(lora_dir: Path, out: Path) -> dict[str, Path]:
     """The uniform linear merge (exact, rank E·r) and the TIES merge of all experts, as PEFT folders."""
-    import jax
-    import jax.numpy as jnp
-
-    from genome_jax.operators.merge import MergeConfig, crossover
-    from genome_jax.population import Population, export_adapter, load_population
-
     paths = {"uniform_merge": out / "uniform_merge", "ties_merge": out / "ties_merge"}
     if not (paths["uniform_merge"] / "adapter_config.json").exists():
         demo.uniform_merge(lora_dir, paths["uniform_merge"])
@@ -316,10 +315,8 @@ def markdown(cfg: dict, per_target: list[dict]) -> str:
 
 def plot(summary: dict, path: Path) -> None:
     """Test accuracy per row (error bars: sd over seeds, or the binomial SE of a single score); chance line."""
-    import matplotlib  # heavy optional: only when plotting
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # pyplot after choosing the headless backend (a GUI one needs a display)
 
     rows = summary["rows"]
     n = summary["n_test"]
@@ -343,8 +340,6 @@ def plot(summary: dict, path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------------ command
 def run(args: argparse.Namespace) -> int:
-    from genome_jax.model_store import default_model_path
-
     cfg = settings(args)
     check_values(cfg)
     out = Path(args.output_dir)
