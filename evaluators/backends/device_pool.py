@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from evaluators.backends.managed import ManagedBackend
+from evaluators.backends.managed import ManagedBackend, engine_numerics
 from evaluators.errors import EvaluatorCrashed, UserError
 
 _DEVICE = re.compile(r"^(\d+|GPU-[0-9A-Fa-f-]+|MIG-[0-9A-Za-z/-]+)$")
@@ -86,6 +86,9 @@ class DevicePoolBackend:
             raise errors[0]
         self.info = [dict(info, device=d) for info, d in zip(infos, self.devices)]
         return self.info
+
+    def numerics(self, mode: str | None = None) -> str:
+        return engine_numerics(self.start(), mode)
 
     def _chunk(self, n_jobs: int) -> int:
         if self.chunk:

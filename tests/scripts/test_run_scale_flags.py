@@ -32,8 +32,9 @@ CASES = [
     ("eval-devices-jax-backend", ["--eval_devices", "0,1", "--backend", "jax"], "--eval_devices needs --backend vllm"),
     ("eval-devices-endpoints", ["--eval_devices", "0,1", "--endpoints", "http://h:8000"],
      "--eval_devices cannot be combined with --endpoints"),
-    ("eval-devices-twice", ["--eval_devices", "0,1,0"], "--eval_devices: device 0 is listed twice"),
-    ("eval-devices-bad-id", ["--eval_devices", "0,gpu1"], "--eval_devices: 'gpu1' is not a device index or GPU UUID"),
+    # the evaluators' messages name the parameter (eval_devices); the CLI may show it as the flag
+    ("eval-devices-twice", ["--eval_devices", "0,1,0"], "eval_devices: device 0 is listed twice"),
+    ("eval-devices-bad-id", ["--eval_devices", "0,gpu1"], "eval_devices: 'gpu1' is not a device index or GPU UUID"),
     ("eval-devices-empty-item", ["--eval_devices", "0,,1"], "expected a comma-separated list such as 0,1,2,3"),
     ("ray-jax-backend", ["--ray_address", "local", "--backend", "jax"], "--ray_address needs --backend vllm"),
     ("ray-endpoints", ["--ray_address", "auto", "--endpoints", "http://h:8000"],
