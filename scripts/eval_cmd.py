@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data_dir", default=None, help="folder holding <task>.json (default: the shipped copies)")
     parser.add_argument("--max_tokens", type=int, default=None, help="generation length for generate mode")
     parser.add_argument("--backend", default="vllm", choices=("vllm", "jax"),
-                        help="vllm: the vLLM evaluator (managed worker, endpoints, devices, Ray); jax: the in-process "
-                             "JAX scorer (choice_logprob and loglik tasks only)")
+                        help="vllm (default): the vLLM evaluator (managed worker, endpoints, devices, Ray); jax: the "
+                             "in-process JAX scorer (choice_logprob and loglik tasks only)")
     parser.add_argument("--endpoints", nargs="+", default=None, metavar="URL",
                         help="external OpenAI-compatible vLLM servers instead of the managed local worker")
     parser.add_argument("--eval_mode", default="auto", choices=("auto", "swap", "lora"),

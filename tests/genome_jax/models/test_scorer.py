@@ -143,6 +143,28 @@ def test_population_scores_match_transformers_peft(model_path, smollm2_tokenizer
                                base, atol=1e-4, equal_nan=True)
 
 
+def test_every_backend_declares_the_scoring_interface():
+    """evaluators.protocol.ScoringBackend: every vLLM backend and the JAX scorer (structurally: no import of
+    evaluators in genome_jax) have its members with its keyword arguments."""
+    import inspect
+
+    from evaluators.backends.device_pool import DevicePoolBackend
+    from evaluators.backends.endpoints import EndpointsBackend
+    from evaluators.backends.managed import ManagedBackend
+    from evaluators.backends.ray_backend import RayBackend
+    from evaluators.protocol import ScoringBackend
+
+    want = {name: inspect.signature(getattr(ScoringBackend, name)).parameters
+            for name in ("start", "numerics", "answer", "close")}
+    for cls in (ManagedBackend, DevicePoolBackend, RayBackend, EndpointsBackend, scorer.JaxScorer):
+        assert isinstance(cls.kind, str), cls
+        for name, params in want.items():
+            got = inspect.signature(getattr(cls, name)).parameters
+            assert list(got) == list(params), (cls.__name__, name, list(got))
+    assert len({cls.kind for cls in (ManagedBackend, DevicePoolBackend, RayBackend, EndpointsBackend,
+                                     scorer.JaxScorer)}) == 5
+
+
 @pytest.fixture(scope="module")
 def tiny_scorer(tmp_path_factory, make_tiny_llama, model_path, smollm2_tokenizer):
     """A JaxScorer on a tiny random Llama that uses SmolLM2's tokenizer (vocabulary sized to match): real tasks,
