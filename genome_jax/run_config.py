@@ -103,9 +103,9 @@ class RunConfig:
 
 
 # Fields that may differ when a run is resumed: what is reported after the search, not the search itself.
-# (max_iter is part of the identity: it sizes the fitness history held in the checkpointed state.)
+# max_iter may grow: `genome run --resume DIR --max_iter N` extends a finished run (the state holds no history).
 # Placement settings (devices, evaluator engines) move the work, not the search: a run may resume on other hardware.
-RESUME_MAY_CHANGE = ("output_dir", "test_tasks", "n_test", "ensemble_k", "endpoints", "eval_mode", "eval_dtype",
+RESUME_MAY_CHANGE = ("output_dir", "max_iter", "test_tasks", "n_test", "ensemble_k", "endpoints", "eval_mode", "eval_dtype",
                      "allow_overlap",
                      "devices", "eval_devices", "ray_address", "ray_actors")
 
@@ -480,27 +480,28 @@ def describe_mismatch(saved: RunConfig, wanted: RunConfig) -> str:
 
 
 def strategy_params(cfg: RunConfig):
-    """The StrategyParams of the configured method (validated there; raises UserError on a bad combination)."""
-    from genome_jax.strategies import StrategyParams
+    """(strategy, params) of the configured method (validated there; raises UserError on a bad combination)."""
+    from genome_jax.strategies import make_strategy
 
     try:
-        return _strategy_params(cfg, StrategyParams)
-    except UserError as e:  # speak in flags: "StrategyParams: 'cross' ..." -> "--cross_method ..."
+        return _strategy_params(cfg, make_strategy)
+    except UserError as e:  # speak in flags: "strategy setting 'cross' ..." -> "--cross_method ..."
         msg = str(e)
         for field, flag in _PARAM_FLAGS.items():
-            msg = msg.replace(f"StrategyParams: '{field}'", f"--{flag}")
+            msg = msg.replace(f"strategy setting '{field}'", f"--{flag}")
         raise UserError(msg) from None
 
 
-_PARAM_FLAGS = {"combine": "combine_method", "cross": "cross_method", "patience": "early_stop_iter",
-                "max_generations": "max_iter", "population_size": "population_size",
+_PARAM_FLAGS = {"combine": "combine_method", "cross": "cross_method",
+                "population_size": "population_size",
                 "max_population_size": "max_population_size", "cross_rate": "cross_rate",
                 "individual_mutation_rate": "individual_mutation_rate", "gene_mutation_rate": "gene_mutation_rate",
                 "sigma": "sigma", "elite_percent": "elite_percent"}
 
 
-def _strategy_params(cfg: RunConfig, StrategyParams):
-    return StrategyParams(
+def _strategy_params(cfg: RunConfig, make_strategy):
+    return make_strategy(
+        cfg.method,
         population_size=cfg.population_size,
         max_population_size=cfg.max_population_size,
         combine=cfg.combine_method,
@@ -510,6 +511,4 @@ def _strategy_params(cfg: RunConfig, StrategyParams):
         gene_mutation_rate=cfg.gene_mutation_rate,
         sigma=cfg.sigma,
         elite_percent=cfg.elite_percent,
-        patience=cfg.early_stop_iter,
-        max_generations=cfg.max_iter,
     )
