@@ -24,7 +24,7 @@ from genome_jax.model_store import default_model_path
 from genome_jax.population import Population, PopulationMeta, load_population
 from genome_jax.run_config import RunConfig, run_config_from_dict, save_run_config, strategy_params
 from genome_jax.sharding import ShardedStrategy
-from scripts.run_prepare import (  # noqa: F401  (re-exported: the `genome run` command's entry points)
+from scripts.run_prepare import (
     RUN_CONFIG,
     check_data,
     check_experts_fit_model,
@@ -38,10 +38,13 @@ from scripts.run_prepare import (  # noqa: F401  (re-exported: the `genome run` 
     remove_orphan_temps,
     saved_identity,
 )
-from scripts.run_report import final_report, final_summary, stats_record  # noqa: F401  (final_summary: re-exported)
+from scripts.run_report import final_report, final_summary, stats_record
 from scripts.scoring import LLMScorer, SyntheticScorer, Timer
 
 EXPERTS = "experts.json"
+# the `genome run` command's entry points (run_cmd, demo): prepared here or in run_prepare / run_report
+__all__ = ["prepare", "refuse_if_busy", "check_data", "last_saved_generation", "run", "final_summary", "data_digests",
+           "load_experts", "saved_state", "run_identity", "EXPERTS", "RUN_CONFIG"]
 
 
 def load_experts(cfg: RunConfig) -> Population:

@@ -244,11 +244,14 @@ class Strategy:
         return state.child_source < 0
 
     def state_template(self, population, params):
-        """The state's structure (ShapeDtypeStructs) for a population of `population`'s shapes (arrays or
-        ShapeDtypeStructs): the target of a checkpoint restore. Computes nothing."""
+        """The state's structure (ShapeDtypeStructs on this process's first device) for a population of
+        `population`'s shapes (arrays or ShapeDtypeStructs): the target of a checkpoint restore, which then lands
+        on that device whatever device count wrote it. Computes nothing."""
         n = population_size_of(population)
-        return jax.eval_shape(self.init, jax.random.PRNGKey(0), population,
-                              jax.ShapeDtypeStruct((n,), jnp.float32), params)
+        shapes = jax.eval_shape(self.init, jax.random.PRNGKey(0), population,
+                                jax.ShapeDtypeStruct((n,), jnp.float32), params)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
 
     def metrics(self, state) -> dict[str, jax.Array]:
         """Fitness of the population (best, mean, worst over finite entries), best ever, alive individuals and
@@ -260,7 +263,20 @@ class Strategy:
         return initial_population(key, experts, self.population_size, merge_config=self.combine,
                                   init_merge=init_merge)
 
-    # init / ask / tell: see the subclasses
+    def init(self, key, population, fitness, params):
+        """The state of an initial population: pytree (n0, ...) (sizes: see the subclass) and fitness (n0,) its
+        scores. key and params: unused by GENOME and GENOME+ (the evosax signature)."""
+        n = population_size_of(population)
+        self.check_initial_size(n)
+        if tuple(jnp.shape(fitness)) != (n,):
+            raise UserError(f"{self.name}: fitness has shape {tuple(jnp.shape(fitness))}, expected ({n},)")
+        return self._init(population, jnp.asarray(fitness, jnp.float32))
+
+    def check_initial_size(self, n: int) -> None:
+        """Raise UserError when an initial population of n individuals does not fit this strategy."""
+        raise NotImplementedError
+
+    # _init / ask / tell: see the subclasses
 
 
 @jax.jit

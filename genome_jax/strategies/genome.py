@@ -57,16 +57,10 @@ class Genome(common.Strategy):
     def population_sizes(self) -> frozenset[int]:
         return frozenset({self.population_size})
 
-    def init(self, key, population, fitness, params) -> GenomeState:
-        """population: pytree (P, ...) with P == population_size; fitness: (P,) its scores. key: unused (the
-        evosax signature)."""
-        n = common.population_size_of(population)
+    def check_initial_size(self, n: int) -> None:
         if n != self.population_size:
             raise UserError(f"genome: the initial population has {n} individuals but population_size is "
                             f"{self.population_size}")
-        if tuple(jnp.shape(fitness)) != (n,):
-            raise UserError(f"genome: fitness has shape {tuple(jnp.shape(fitness))}, expected ({n},)")
-        return self._init(population, jnp.asarray(fitness, jnp.float32))
 
     @functools.partial(jax.jit, static_argnums=0)
     def _init(self, population, fitness):

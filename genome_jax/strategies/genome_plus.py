@@ -99,15 +99,10 @@ class GenomePlus(common.Strategy):
         """As Strategy.needs_score; children standing in empty slots are never scored."""
         return (state.child_source < 0) & state.child_alive
 
-    def init(self, key, population, fitness, params) -> GenomePlusState:
-        """population: pytree (n0, ...) with n0 <= capacity; fitness: (n0,). key: unused (the evosax signature)."""
-        n0 = common.population_size_of(population)
-        if n0 > self.capacity:
-            raise UserError(f"genome_plus: the initial population has {n0} individuals, more than "
+    def check_initial_size(self, n: int) -> None:
+        if n > self.capacity:
+            raise UserError(f"genome_plus: the initial population has {n} individuals, more than "
                             f"max_population_size {self.capacity}")
-        if tuple(jnp.shape(fitness)) != (n0,):
-            raise UserError(f"genome_plus: fitness has shape {tuple(jnp.shape(fitness))}, expected ({n0},)")
-        return self._init(population, jnp.asarray(fitness, jnp.float32))
 
     @functools.partial(jax.jit, static_argnums=0)
     def _init(self, population, fitness):
