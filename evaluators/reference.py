@@ -18,14 +18,14 @@ from evaluators.protocol import ChoiceRequest, ChoiceResponse, GenerateRequest, 
 
 def load_reference_model(model_path: str, adapter: str | None = None):
     """(model, tokenizer): fp32, eval mode, local files only; a PEFT adapter folder is applied with peft (unmerged)."""
-    import torch
+    import torch  # heavy (torch, transformers, peft): loaded when the reference runs, not on import
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_path = os.path.expanduser(str(model_path))
     tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, local_files_only=True)
     if adapter is not None:
-        from peft import PeftModel
+        from peft import PeftModel  # heavy, only with an adapter
 
         model = PeftModel.from_pretrained(model, os.path.expanduser(str(adapter)), is_trainable=False)
     model.eval()
@@ -34,7 +34,7 @@ def load_reference_model(model_path: str, adapter: str | None = None):
 
 def option_logprobs(model, tok, prompt: str, options: Sequence[str]) -> tuple[float, ...]:
     """Sum of log-probs of each option's tokens after the prompt (one forward pass per option)."""
-    import torch
+    import torch  # heavy: see load_reference_model
 
     pids = tok(prompt)["input_ids"]
     all_oids = [tok(opt, add_special_tokens=False)["input_ids"] for opt in options]
@@ -57,7 +57,7 @@ def option_logprobs(model, tok, prompt: str, options: Sequence[str]) -> tuple[fl
 
 
 def generate_text(model, tok, req: GenerateRequest) -> str:
-    import torch
+    import torch  # heavy: see load_reference_model
 
     enc = tok(req.prompt, return_tensors="pt")
     kwargs = dict(max_new_tokens=int(req.max_tokens), pad_token_id=tok.pad_token_id or tok.eos_token_id)

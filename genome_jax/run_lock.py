@@ -35,8 +35,8 @@ def _holder_pid(path: Path) -> str:
 
 
 def _busy(folder: Path, path: Path) -> UserError:
-    return UserError(f"--output_dir {folder}: another genome run (pid {_holder_pid(path)}) is writing to this "
-                     "folder; wait for it to end, or use another --output_dir")
+    return UserError(f"output_dir {folder}: another genome run (pid {_holder_pid(path)}) is writing to this "
+                     "folder; wait for it to end, or use another output folder")
 
 
 def acquire(folder: str | os.PathLike) -> int:
@@ -54,7 +54,7 @@ def acquire(folder: str | os.PathLike) -> int:
             raise _busy(folder, path) from None
         except OSError as e:  # a file system without locks: say so rather than run two writers unawares
             os.close(fd)
-            raise UserError(f"--output_dir {folder}: cannot lock {path} ({e.strerror})") from None
+            raise UserError(f"output_dir {folder}: cannot lock {path} ({e.strerror})") from None
         try:  # the file may have been replaced between open and lock (the folder removed and remade): retry
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

@@ -65,7 +65,7 @@ def population_mesh(devices: Sequence[jax.Device] | None = None, n_devices: int 
     devs = list(jax.devices() if devices is None else devices)
     if n_devices is not None:
         if not 1 <= n_devices <= len(devs):
-            raise UserError(f"--devices {n_devices}: this job has {len(devs)} device(s)")
+            raise UserError(f"n_devices {n_devices}: this job has {len(devs)} device(s)")
         devs = devs[:n_devices]
     return Mesh(np.asarray(devs, dtype=object), (POP_AXIS,), axis_types=(AxisType.Auto,))
 

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kernels import native
+
 __all__ = ["magnitude_cut", "magnitude_threshold", "magnitude_threshold_reference", "keep_count", "select_passes",
            "resolve_impl"]
 
@@ -212,8 +214,6 @@ def resolve_impl(impl: str = "auto") -> str:
     if impl not in ("auto", "native", "jnp"):
         raise ValueError(f"impl must be auto, native or jnp, got {impl!r}")
     if impl == "auto":
-        from kernels import native
-
         return "native" if jax.default_backend() == "cpu" and native.available() else "jnp"
     return impl
 
@@ -230,8 +230,6 @@ def magnitude_cut(x, k, *, impl: str = "auto", sample: int | None = None) -> jax
     if m.shape[-1] == 0 or m.shape[0] == 0:
         return jnp.full(lead, jnp.inf, jnp.float32)
     if native_path:
-        from kernels import native
-
         return native.kth_largest_abs(m, k).reshape(lead)
     lo, _ = _select(m, jnp.maximum(k, 1), sample=sample)
     return jnp.where(k == 0, jnp.inf, _f32(lo)).reshape(lead)
@@ -248,8 +246,6 @@ def magnitude_threshold(x, k, *, impl: str = "auto", sample: int | None = None) 
     if m.shape[-1] == 0 or m.shape[0] == 0:
         return jnp.full(lead, jnp.inf, jnp.float32)
     if native_path:
-        from kernels import native
-
         return native.kth_largest_abs(m, k).reshape(lead)
     lo, _ = _select(m, jnp.maximum(k, 1), sample=sample)
     val = jnp.min(jnp.where(m >= _f32(lo)[:, None], m, jnp.inf), axis=-1)

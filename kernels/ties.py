@@ -103,7 +103,7 @@ def ties_merge_pallas(x, cuts, parent_idx, weights, *, majority_sign_method: str
     """Pallas TIES: grid (C, ceil(n / block)); program (c, j) reads its K parents' column block j once, trims each
     by its parent's cut, elects the sign and writes the merged block. Same arguments and result as
     `ties_merge_reference`. `interpret=True` runs it on CPU (tests); on GPU it compiles (Triton)."""
-    from jax.experimental import pallas as pl
+    from jax.experimental import pallas as pl  # optional backend: loads the Pallas/Triton lowering only when used
 
     _check(majority_sign_method, normalize)
     P, n = x.shape

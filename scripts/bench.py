@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from genome_jax.errors import UserError
+
 # name -> one-line help (the module is scripts.bench_<name>)
 BENCHMARKS: dict[str, str] = {
     "operators": "a generation as `genome run` runs it vs the PEFT merge loop, bandwidth, compile cold/warm",
@@ -13,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "trainer": "LoRA expert training steps (optax)",
     "scorer": "the JAX scorer vs vLLM",
     "scale": "operators vs device count (sharded population) and scoring vs number of vLLM engines",
+    "quality": "does evolution beat the best expert and the merges on unseen tasks? baselines, seeds, zero-shot",
     "gpu": "the GPU path: TIES (Pallas) + a generation at Llama-3-8B LoRA shapes, the JAX population scorer at 1B",
 }
 
@@ -29,8 +32,6 @@ def run(args: argparse.Namespace) -> int:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name == module:
-            from genome_jax.errors import UserError
-
             raise UserError(f"benchmark '{args.name}' is not available in this build") from None
         raise
     parser = argparse.ArgumentParser(prog=f"genome bench {args.name}", description=BENCHMARKS[args.name])

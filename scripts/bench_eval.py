@@ -26,6 +26,16 @@ import statistics
 import tempfile
 import time
 
+import numpy as np
+from safetensors.numpy import save_file
+
+from evaluators.backends.managed import ManagedBackend
+from evaluators.backends.peft_folder import adapter_info, content_hash
+from evaluators.backends.scratch import scratch_dir
+from evaluators.protocol import ChoiceResponse
+from evaluators.tasks import get_task
+from genome_jax.model_store import default_model_path
+
 SCORING_MODES = ("choice_logprob", "loglik")  # the default --scoring: every mode that scores multiple choice
 
 DIMS = {  # Llama-family module -> (d_out, d_in) from the HF config
@@ -72,9 +82,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def write_random_adapter(out_dir: str, cfg: dict, rank: int, targets: list[str], seed: int) -> str:
     """A PEFT folder with A ~ N(0, 1/d_in), B ~ N(0, 0.02^2), lora_alpha = rank (scale 1); written atomically."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
     rng = np.random.default_rng(seed)
     tensors = {}
     for layer in range(cfg["num_hidden_layers"]):
@@ -108,8 +115,6 @@ def _export(sources: list[str], dest: str) -> list[str]:
 
 def _maxdiff(a: list, b: list) -> tuple[float, float]:
     """(max |Δ logprob|, share of samples with the same argmax) between two response lists (choice mode)."""
-    from evaluators.protocol import ChoiceResponse
-
     if not a or not isinstance(a[0], ChoiceResponse):
         same = sum(x == y for x, y in zip(a, b)) / max(len(a), 1)
         return float("nan"), same
@@ -141,8 +146,6 @@ def _agreement(task, items, a: list, b: list) -> float:
 
 def _ours_and_base(eng, reqs: list, sources: list[str], scratch: str, repeats: int, label: str) -> dict:
     """(a) and (c) on one engine, interleaved `repeats` times; figures + (a)'s last answers."""
-    from evaluators.backends.peft_folder import content_hash
-
     P, n = len(sources), len(reqs)
     total = P * n
     eng.answer([(None, None, reqs[: min(4, n)])])  # warm-up
@@ -178,14 +181,7 @@ def _ours_and_base(eng, reqs: list, sources: list[str], scratch: str, repeats: i
 
 
 def run(args: argparse.Namespace) -> int:
-    from evaluators.backends.base import scratch_dir
-    from evaluators.backends.managed import ManagedBackend
-    from evaluators.backends.peft_folder import adapter_info, content_hash
-    from evaluators.tasks import get_task
-
     if args.model_path is None:
-        from genome_jax.model_store import default_model_path
-
         args.model_path = str(default_model_path())
     model = os.path.expanduser(args.model_path)
     with open(os.path.join(model, "config.json")) as f:

@@ -25,6 +25,16 @@ import math
 import statistics
 import time
 
+import jax
+import jax.numpy as jnp
+
+from genome_jax.compile_cache import enable_compilation_cache
+from genome_jax.errors import UserError
+from genome_jax.models import llama, scorer
+from genome_jax.operators import merge
+from genome_jax.run_config import RunConfig, strategy_params
+from scripts.bench_operators import minimum_bytes
+
 # Llama-3-8B (operators) and Llama-3.2-1B (scorer) shapes; "tiny" stands in for both on CPU
 OPS_SHAPES = {"full": dict(hidden=4096, inter=14336, heads=32, kv=8, hd=128, layers=32, rank=16, P=256),
               "tiny": dict(hidden=64, inter=128, heads=4, kv=2, hd=16, layers=1, rank=4, P=8)}
@@ -66,8 +76,6 @@ def _is_oom(e: Exception) -> bool:
 
 
 def llama_config(s: dict):
-    from genome_jax.models import llama
-
     return llama.LlamaConfig(vocab_size=s.get("vocab", 256), hidden_size=s["hidden"], intermediate_size=s["inter"],
                              num_layers=s["layers"], num_heads=s["heads"], num_kv_heads=s["kv"], head_dim=s["hd"],
                              rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
@@ -75,10 +83,6 @@ def llama_config(s: dict):
 
 def random_factors(key, config, P: int, rank: int, dtype) -> dict:
     """Contract 1 factors of P random adapters on all 7 projections of every layer (A ~ N(0, 1/d_in), B small)."""
-    import jax
-
-    from genome_jax.models import llama
-
     out = {}
     for layer in range(config.num_layers):
         for name in llama.LORA_MODULES:
@@ -92,11 +96,6 @@ def random_factors(key, config, P: int, rank: int, dtype) -> dict:
 
 def random_params(key, config, dtype) -> dict:
     """Random Llama weights in the stacked layout of `genome_jax.models.llama` (what load_params returns)."""
-    import jax
-    import jax.numpy as jnp
-
-    from genome_jax.models import llama
-
     L, D = config.num_layers, config.hidden_size
     keys = iter(jax.random.split(key, 16))
     layers = {"input_norm": jnp.ones((L, D), dtype), "post_norm": jnp.ones((L, D), dtype)}
@@ -109,9 +108,6 @@ def random_params(key, config, dtype) -> dict:
 
 def bandwidth_gbs(mb: int, repeats: int) -> float:
     """GB/s (read + write) of an in-place add on an `mb` MB float32 array (donated: no allocation in the loop)."""
-    import jax
-    import jax.numpy as jnp
-
     n = mb * (1 << 20) // 4
     step = jax.jit(lambda a: a + 1.0, donate_argnums=0)
     box = [jnp.zeros((n,), jnp.float32)]
@@ -126,13 +122,6 @@ def bandwidth_gbs(mb: int, repeats: int) -> float:
 
 def measure_operators(size: str, P: int, repeats: int, bw: float, on_gpu: bool) -> dict:
     """(a): TIES crossover (Pallas) and a whole generation at the `size` LoRA shapes; halves P on OOM."""
-    import jax
-    import jax.numpy as jnp
-
-    from genome_jax.operators import merge
-    from genome_jax.run_config import RunConfig, strategy_params
-    from scripts.bench_operators import minimum_bytes
-
     s = OPS_SHAPES[size]
     config = llama_config(s)
     kernel = "pallas" if on_gpu else "pallas_interpret"
@@ -193,8 +182,6 @@ def _forward_flops(config, tokens: int, seq: int, rank: int = 0) -> float:
     """Model FLOPs of a scoring forward: 2 per weight per token (7 projections, LoRA adds 2 r (d_in + d_out) per
     module), attention 4 T d_heads per token per layer (causal: half of QK^T and PV); the LM head is applied at
     one position per sequence (the scorer gathers) and is left out."""
-    from genome_jax.models import llama
-
     per_tok = 0.0
     for name in llama.LORA_MODULES:
         d_out, d_in = config.module_shape(name)
@@ -205,11 +192,6 @@ def _forward_flops(config, tokens: int, seq: int, rank: int = 0) -> float:
 
 def measure_scorer(size: str, P: int, repeats: int, peak: float | None, dtype) -> dict:
     """(b): P adapters in one forward vs the base model's forward on the same number of tokens."""
-    import jax
-    import jax.numpy as jnp
-
-    from genome_jax.models import llama, scorer
-
     s = SCORER_SHAPES[size]
     config = llama_config(s)
     key = jax.random.key(7)
@@ -241,12 +223,6 @@ def measure_scorer(size: str, P: int, repeats: int, peak: float | None, dtype) -
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-    import jax.numpy as jnp
-
-    from genome_jax.compile_cache import enable_compilation_cache
-    from genome_jax.errors import UserError
-
     enable_compilation_cache()
     t_start = time.perf_counter()
     dev = jax.devices()[0]

@@ -33,6 +33,16 @@ import sys
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genome_jax.compile_cache import enable_compilation_cache
+from genome_jax.errors import UserError
+from genome_jax.operators import merge
+from genome_jax.population import Population, PopulationMeta, export_adapter
+from genome_jax.run_config import RunConfig, strategy_params
+
 SHAPES = {  # module -> (A (r, d_in), B (d_out, r)) at r = 16
     "self_attn.q_proj": ((16, 576), (576, 16)),
     "self_attn.k_proj": ((16, 576), (192, 16)),
@@ -88,9 +98,6 @@ def _median_time(fn, repeats: int) -> tuple[float, float, float]:
 
 def bandwidth_probe(mb: int, repeats: int) -> dict:
     """GB/s of a large elementwise copy (read + write counted), in place (donated) and into a fresh buffer."""
-    import jax
-    import jax.numpy as jnp
-
     n = mb * (1 << 20) // 4
     x = jnp.zeros((n,), jnp.float32)
     fresh = jax.jit(lambda a: a + 1.0)
@@ -108,9 +115,6 @@ def bandwidth_probe(mb: int, repeats: int) -> dict:
 
 
 def make_population(key, P: int, layers: int):
-    import jax
-    import jax.numpy as jnp
-
     factors = {}
     for layer in range(layers):
         for mod, (sa, sb) in SHAPES.items():
@@ -159,10 +163,6 @@ def minimum_bytes(n_parents_read: int, n_children: int, S: int, llc: int | None,
 def generation_setup(P: int, layers: int, strategy: str, method: str, seed: int):
     """The population, fitness, strategy module, params and initial state, as `genome run` builds them (P
     individuals; genome breeds P children per generation, genome_plus P offspring into a capacity of 2 P)."""
-    import jax
-
-    from genome_jax.run_config import RunConfig, strategy_params
-
     strat, params = strategy_params(RunConfig(tasks=("mmlu",), method=strategy, population_size=P,
                                               cross_method=method))
     key = jax.random.key(seed + P)
@@ -174,11 +174,6 @@ def generation_setup(P: int, layers: int, strategy: str, method: str, seed: int)
 
 def measure_size(args, P: int, layers: int) -> dict:
     """One size: ask, tell and the crossover alone (+ export of a few children), medians; runs in its own process."""
-    import jax
-    import numpy as np
-
-    from genome_jax.operators import merge
-
     factors, fitness, strat, params, state = generation_setup(P, layers, args.strategy, args.method, args.seed)
     n = jax.tree_util.tree_leaves(state.population)[0].shape[0]  # rows the parents are drawn from
     key = jax.random.key_data(jax.random.key(args.seed))
@@ -215,10 +210,6 @@ def measure_size(args, P: int, layers: int) -> dict:
 
 def _export_per_child(children, params, n: int) -> float:
     """Median seconds of `export_adapter` for one child of this population (written to tmpfs, then removed)."""
-    import shutil
-
-    from genome_jax.population import Population, PopulationMeta, export_adapter
-
     C = __import__("jax").tree_util.tree_leaves(children)[0].shape[0]
     meta = PopulationMeta(base_model="bench", target_modules=tuple(sorted({m.split(".")[-1] for m in SHAPES})),
                           rank=16, names=tuple(f"c{i}" for i in range(C)))
@@ -238,10 +229,6 @@ def _export_per_child(children, params, n: int) -> float:
 
 def compile_probe(args) -> dict:
     """Child process: seconds the first ask + tell spend beyond a steady call (compile, or loading from the cache)."""
-    import jax
-
-    from genome_jax.compile_cache import enable_compilation_cache
-
     where = enable_compilation_cache(min_compile_time_s=0.0)  # tiny shapes too (`genome run` stores >= 0.1 s)
     stored = sorted(f.name.split("-")[0] for f in where.iterdir()) if where is not None else []
     factors, fitness, strat, params, state = generation_setup(args.population, args.layers, args.strategy,
@@ -286,15 +273,10 @@ def _layers_for(args, P: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-
-    from genome_jax.errors import UserError
-
     if args.population < 4 or args.layers < 1 or args.repeats < 1:
         raise UserError("--population must be >= 4 and --layers, --repeats >= 1")
     if args.emit_row:
         if os.environ.get("GENOME_JAX_COMPILE_CACHE"):  # a child of this bench: the probes' cache folder
-            from genome_jax.compile_cache import enable_compilation_cache
 
             enable_compilation_cache()
         print("ROW " + json.dumps(measure_size(args, args.population, args.layers)), flush=True)
@@ -337,8 +319,6 @@ def run(args: argparse.Namespace) -> int:
 
     base = None
     if args.baseline_children > 0 and args.method == "ties":
-        import numpy as np
-
         factors = make_population(jax.random.key(args.seed), 8, args.layers)
         host = {f"{p}.{ab}": np.array(v[ab]) for p, v in factors.items() for ab in ("A", "B")}
         del factors
@@ -390,8 +370,7 @@ def peft_baseline(factors_np: dict, n_children: int, density: float, K: int, see
                   threads: int) -> tuple[float, float]:
     """Median (wall, process-CPU) seconds per child of the PEFT-style loop: per child, per tensor,
     merge_utils.ties in torch."""
-    import numpy as np
-    import torch
+    import torch  # heavy (torch, peft): only the PEFT baseline needs them
     from peft.utils.merge_utils import ties as peft_ties
 
     torch.set_num_threads(threads)

@@ -22,6 +22,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from evaluators.backends.peft_folder import content_hash
+from evaluators.backends.ray_backend import RayBackend
+from evaluators.tasks import get_task
+from genome_jax import sharding
+from genome_jax.errors import UserError
+from genome_jax.model_store import default_model_path
+from genome_jax.population import Population, PopulationMeta, export_population
+from genome_jax.evolve import generation_keys
+from genome_jax.strategies import make_strategy
+
 _REPO = Path(__file__).resolve().parents[1]
 
 
@@ -47,14 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---- part 1: operators vs devices (one child process per device count) ------------------------------------------
 
 def _operator_child(spec: dict) -> dict:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from genome_jax import sharding
-    from genome_jax.evolve import generation_keys
-    from genome_jax.strategies import make_strategy
-
     n_dev, P = spec["devices"], spec["population"]
     rng = np.random.default_rng(0)
     d, d_kv, r, k = 576, 192, spec["rank"], 4  # SmolLM2-135M: hidden 576, v_proj out 3 kv heads x 64
@@ -126,12 +133,9 @@ def bench_operators(args) -> list[dict]:
     counts = [int(x) for x in str(args.devices).split(",") if x.strip()]
     bad = [c for c in counts if args.population % c]
     if bad:
-        from genome_jax.errors import UserError
-
         raise UserError(f"--population {args.population} does not split over {bad[0]} devices")
     base = dict(population=args.population, layers=args.layers, rank=args.rank, repeats=args.repeats)
     rows = []
-    from tqdm import tqdm
 
     platform, available = _platform()
     if platform != "cpu":  # real accelerators: only the counts this machine has
@@ -153,11 +157,6 @@ def bench_operators(args) -> list[dict]:
 
 def _make_adapters(model_path: str, n: int, rank: int, out_root: Path) -> list[str]:
     """n random SmolLM2-shaped q/v LoRAs written through the population exporter (real PEFT folders)."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from genome_jax.population import Population, PopulationMeta, export_population
-
     cfg = json.loads((Path(model_path) / "config.json").read_text())
     d = cfg["hidden_size"]
     d_kv = cfg["num_key_value_heads"] * cfg.get("head_dim", d // cfg["num_attention_heads"])
@@ -174,15 +173,9 @@ def _make_adapters(model_path: str, n: int, rank: int, out_root: Path) -> list[s
 
 
 def bench_scoring(args) -> list[dict]:
-    from evaluators.backends.peft_folder import content_hash
-    from evaluators.backends.ray_backend import RayBackend
-    from evaluators.tasks import get_task
-
     if args.model_path:
         model_path = os.path.expanduser(args.model_path)
     else:
-        from genome_jax.model_store import default_model_path
-
         model_path = str(default_model_path())
     task = get_task(args.task, formatter=model_path)
     reqs = task.build_requests(task.load("dev", args.n), task.mode)

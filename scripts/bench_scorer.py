@@ -9,10 +9,21 @@ Ends with one line: `scorer-throughput: population=<samples/s> base=<samples/s> 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
 import time
+
+import jax
+import numpy as np
+from transformers import AutoTokenizer
+
+from evaluators.backends.managed import ManagedBackend
+from evaluators.tasks import get_task
+from genome_jax.model_store import default_model_path
+from genome_jax.models import llama, scorer
+from genome_jax.population import load_population
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,11 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _random_factors(key, config, n_pop: int, rank: int, targets) -> dict:
-    import jax
-    import math
-
-    from genome_jax.models import llama
-
     out = {}
     for layer in range(config.num_layers):
         for name in targets:
@@ -48,17 +54,8 @@ def _random_factors(key, config, n_pop: int, rank: int, targets) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-    import numpy as np
-    from transformers import AutoTokenizer
-
-    from evaluators.tasks.base import get_task
-    from genome_jax.models import llama, scorer
-
     model_path = args.model_path
     if model_path is None:
-        from genome_jax.model_store import default_model_path
-
         model_path = default_model_path()
     model_path = os.fspath(model_path)
     task = get_task(args.task, formatter=model_path)
@@ -67,8 +64,6 @@ def run(args: argparse.Namespace) -> int:
     tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     config, params = llama.load_params(model_path)
     if args.adapters:
-        from genome_jax.population import load_population
-
         pop = load_population(args.adapters)
         factors, what = pop.factors, f"{pop.size} adapters from disk (rank {pop.meta.rank}, {pop.meta.target_modules})"
     else:
@@ -103,8 +98,6 @@ def run(args: argparse.Namespace) -> int:
           f"(ratio {popu / base:.2f}); {changed:.0%} of the population's predictions differ from the base model's")
     vllm = float("nan")
     if args.vllm:
-        from evaluators.backends.managed import ManagedBackend
-
         eng = ManagedBackend(model_path, prefix_caching=False)
         try:
             eng.start()

@@ -18,10 +18,16 @@ import statistics
 import sys
 import time
 
+import jax
+import numpy as np
+
+from evaluators.tasks import get_task
+from genome_jax.model_store import default_model_path
+from genome_jax.models import llama, trainer
+from genome_jax.models.trainer import DEMO_CONFIG as D
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from genome_jax.models.trainer import DEMO_CONFIG as D
-
     p.add_argument("--model_path", default=None)
     p.add_argument("--task", default="mmlu", help="task whose training examples fill the batches")
     p.add_argument("--rank", type=int, default=D.rank)
@@ -38,20 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-    import numpy as np
-    import torch
+    import torch  # heavy (torch, peft, transformers): the PEFT baseline of this benchmark
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from evaluators.tasks.base import get_task
-    from genome_jax.models import llama, trainer
 
     threads = sorted(set(args.threads or [1, torch.get_num_threads()]))
     model_path = args.model_path
     if model_path is None:
-        from genome_jax.model_store import default_model_path
-
         model_path = default_model_path()
     model_path = os.fspath(model_path)
     cfg = trainer.TrainConfig(rank=args.rank, alpha=2.0 * args.rank, targets=tuple(args.targets),

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 
+from evaluators.errors import UserError as EvalUserError
+from genome_jax.errors import ParamError
+from genome_jax.errors import UserError as EngineUserError
 from genome_jax.stopping import Stopped
 from scripts import quiet_errors
 
@@ -29,11 +33,7 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from evaluators.errors import UserError as EvalUserError
-    from genome_jax.errors import UserError as EngineUserError
-
-    return (EngineUserError, EvalUserError, FileNotFoundError, PermissionError)
+_USER_ERRORS = (EngineUserError, EvalUserError, FileNotFoundError, PermissionError)
 
 
 def _silence_stderr() -> None:
@@ -49,12 +49,40 @@ def _silence_stderr() -> None:
         pass
 
 
+def _flags_of(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """{parameter (an option's dest): its first flag} of a subcommand's parser (hidden aliases come later)."""
+    out: dict[str, str] = {}
+    for action in parser._actions:  # argparse keeps no public list of a parser's options
+        if action.option_strings and action.dest != argparse.SUPPRESS:
+            out.setdefault(action.dest, action.option_strings[0])
+    return out
+
+
+# A plain error names a parameter when it starts "NAME: ...", "NAME VALUE..." (a value is no lowercase word) or
+# "NAME must/needs/... ": "model_path /x: not a folder", "ray_actors must be >= 1" (not "adapter folder not found").
+_NAMES_PARAM = re.compile(r"([a-z][a-z0-9_]*)(?=:| [^a-z]| (?:must|needs|has|is|cannot|value|entry)\b)")
+
+
+def flag_message(e: BaseException, flags: dict[str, str]) -> str:
+    """An error's message with the parameters it names spelled as the command's flags. Library errors name
+    parameters, never flags: a ParamError names them structurally; another error whose message starts with a
+    parameter's name (see _NAMES_PARAM) gets that first word as the flag."""
+    if isinstance(e, ParamError):
+        return e.render(lambda name: flags.get(name, name))
+    message = str(e)
+    m = _NAMES_PARAM.match(message)
+    if m and m.group(1) in flags:
+        return flags[m.group(1)] + message[m.end():]
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="genome", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     argv = sys.argv[1:] if argv is None else argv
     wanted = next((a for a in argv if not a.startswith("-")), None)
+    flags: dict[str, str] = {}
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         if name == wanted:  # only import the module that will run
@@ -66,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             mod.add_arguments(p)
             p.set_defaults(_run=mod.run)
+            flags = _flags_of(p)
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("GENOME_DEBUG") == "1"
     try:
@@ -76,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("genome: interrupted\n")
         return 130
-    except _user_errors() as e:
+    except _USER_ERRORS as e:
         if debug:
             raise
-        sys.stderr.write("genome: error: " + " ".join(str(e).split("\n")).strip() + "\n")  # one line, always
+        message = flag_message(e, flags)
+        sys.stderr.write("genome: error: " + " ".join(message.split("\n")).strip() + "\n")  # one line, always
         return 1
     except Exception as e:  # unexpected: still one line unless --debug
         if debug:

@@ -17,10 +17,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from evaluators.backends.base import make_evaluator
+from evaluators.tasks import get_task
+from genome_jax.errors import UserError
+from genome_jax.model_store import default_model_path
+from genome_jax.models import trainer
+from genome_jax.population import Population, PopulationMeta, adapter_folders, export_adapter, load_population
+from genome_jax.run_config import load_run_config
+from scripts import run_loop, train_experts
+from scripts.cli import main
+from scripts.run_cmd import _exit_1_error
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from scripts.run_cmd import _exit_1_error
-
     parser.error = _exit_1_error  # type: ignore[method-assign]
     parser.add_argument("--output_dir", default=None, help="run folder (default runs/demo-<date-time>)")
     parser.add_argument("--target", default=None, help="target task (default arc_e: no expert trained on any of its items)")
@@ -44,10 +55,6 @@ def _say(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from genome_jax.errors import UserError
-    from genome_jax.run_config import load_run_config
-    from scripts import run_loop
-
     for name in ("generations", "population_size", "n_dev", "n_test", "ensemble_k"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -56,15 +63,12 @@ def run(args: argparse.Namespace) -> int:
 
     _say("1/4 base model: SmolLM2-135M-Instruct (fetched and converted once, then cached)")
     t = time.perf_counter()
-    from genome_jax.model_store import default_model_path
 
     model_path = default_model_path()
     parts["model"] = time.perf_counter() - t
 
     _say(f"2/4 expert pool ({args.pool}): LoRA experts trained with optax on other tasks' data (trained once, then cached)")
     t = time.perf_counter()
-    from genome_jax.models import trainer
-    from scripts import train_experts
 
     lora_dir = train_experts.ensure_pool(str(model_path), args.pool, progress=not args.quiet)
     parts["experts"] = time.perf_counter() - t
@@ -112,10 +116,6 @@ def _write_result(path: Path, result: dict) -> None:
 def uniform_merge(lora_dir: Path, out: Path) -> Path:
     """The experts' uniform linear merge, exact: ΔW = mean_i B_i A_i, written as one adapter of rank E·r
     (A = the A_i stacked, B = the B_i / E side by side)."""
-    import numpy as np
-
-    from genome_jax.population import Population, PopulationMeta, adapter_folders, export_adapter, load_population
-
     pop = load_population(adapter_folders(lora_dir))
     e = pop.size
     factors = {m: {"A": np.concatenate(list(np.asarray(ab["A"])), axis=0)[None],
@@ -128,9 +128,6 @@ def uniform_merge(lora_dir: Path, out: Path) -> Path:
 def score_baselines(model_path: str, lora_dir: Path, target: str, n_test: int, out: Path) -> dict:
     """Test accuracy of the base model and of the uniform merge (same items, same loglik scoring as the run), and
     the target's chance level (mean of 1 / number of options)."""
-    from evaluators.backends.base import make_evaluator
-    from evaluators.tasks.base import get_task
-
     merged = uniform_merge(lora_dir, out / "uniform_merge")
     rank = json.loads((merged / "adapter_config.json").read_text())["r"]
     task = get_task(target, formatter=model_path, mode="loglik")
@@ -181,8 +178,6 @@ def verdict(result: dict, target: str) -> str:
 
 
 def _n_experts(lora_dir: Path) -> int:
-    from genome_jax.population import adapter_folders
-
     return len(adapter_folders(lora_dir))
 
 
@@ -204,10 +199,10 @@ def demo_table(result: dict, target: str, lora_dir: Path | None) -> str:
 
 def plot_rows(result: dict, target: str, path: Path) -> None:
     """Bar chart of the test accuracy per row (± 1 SE), the chance level and the base model as lines."""
-    import matplotlib
+    import matplotlib  # heavy (~0.5 s): only the final chart needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     n = result["n_test"][target]
     rows = _rows(result, target)
@@ -241,6 +236,4 @@ def timing_lines(result: dict, parts: dict[str, float]) -> str:
 
 
 if __name__ == "__main__":
-    from scripts.cli import main
-
     sys.exit(main(["demo", *sys.argv[1:]]))

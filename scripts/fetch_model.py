@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from genome_jax.model_store import MODELS, fetch_model, read_manifest
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from genome_jax.model_store import MODELS
-
     parser.add_argument("name", nargs="?", default="smollm2-135m", choices=sorted(MODELS),
                         help="model to fetch (default: smollm2-135m)")
     parser.add_argument("--cache", metavar="DIR", default=None,
@@ -18,8 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from genome_jax.model_store import fetch_model, read_manifest
-
     path = fetch_model(args.name, args.cache, force=args.force)
     if args.json:
         print(json.dumps({"path": str(path), **read_manifest(path)}, indent=2))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from genome_jax.population import load_population, population_summary, validate_population
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("lora_dir", nargs="+", metavar="LORA_DIR",
@@ -20,8 +22,6 @@ def _human_bytes(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from genome_jax.population import load_population, population_summary, validate_population
-
     source = args.lora_dir[0] if len(args.lora_dir) == 1 else args.lora_dir
     pop = validate_population(load_population(source))
     s = population_summary(pop)

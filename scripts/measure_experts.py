@@ -13,6 +13,10 @@ import json
 import math
 import time
 
+from evaluators.backends import make_evaluator
+from evaluators.tasks import get_task
+from genome_jax.model_store import default_model_path
+
 
 def paired(base: list[float], expert: list[float]) -> tuple[float, float]:
     """Mean and standard error of the per-item difference expert - base (n >= 2)."""
@@ -30,10 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model_path", default=None)
     p.add_argument("--out", default=None, help="also append the JSON lines here")
     args = p.parse_args(argv)
-
-    from evaluators.backends import make_evaluator
-    from evaluators.tasks import get_task
-    from genome_jax.model_store import default_model_path
 
     model = args.model_path or str(default_model_path())
     ev = make_evaluator(model, progress=False)

@@ -10,6 +10,10 @@ import argparse
 import json
 import time
 
+from evaluators.backends import make_evaluator
+from evaluators.tasks import get_task
+from genome_jax.model_store import default_model_path
+
 MC_TASKS = ("mmlu", "arc_c", "medmcqa", "truthfulqa", "hellaswag", "arc_e", "piqa", "openbookqa", "boolq",
             "commonsense_qa")
 
@@ -22,10 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=list(MC_TASKS) + ["winogrande"])
     p.add_argument("--out", default="loglik_dev.json")
     args = p.parse_args(argv)
-
-    from evaluators.backends import make_evaluator
-    from evaluators.tasks import get_task
-    from genome_jax.model_store import default_model_path
 
     model = args.model_path or str(default_model_path())
     res: dict = {}

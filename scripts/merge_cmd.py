@@ -12,10 +12,15 @@ import argparse
 import dataclasses
 import json
 
+import jax
+import jax.numpy as jnp
+
+from genome_jax.errors import UserError
+from genome_jax.operators.merge import METHODS, MergeConfig, SPACES, crossover
+from genome_jax.population import Population, export_adapter, load_population
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from genome_jax.operators.merge import METHODS, SPACES
-
     parser.add_argument("adapters", nargs="+", metavar="DIR", help="PEFT LoRA adapter folders (same base model)")
     parser.add_argument("--out", required=True, help="output PEFT folder (replaced if it is an adapter folder)")
     parser.add_argument("--method", choices=METHODS, default="ties")
@@ -42,13 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-    import jax.numpy as jnp
-
-    from genome_jax.errors import UserError
-    from genome_jax.operators.merge import MergeConfig, crossover
-    from genome_jax.population import Population, export_adapter, load_population
-
     k = len(args.adapters)
     if k < 2:
         raise UserError(f"merge needs at least 2 adapter folders, got {k}")

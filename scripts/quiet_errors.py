@@ -19,6 +19,8 @@ import time
 import traceback
 from pathlib import Path
 
+from genome_jax.model_store import cache_root
+
 OURS = ("genome_jax", "evaluators", "scripts", "__main__")
 _path: Path | None = None
 
@@ -28,8 +30,6 @@ def log_path() -> Path:
     if _path is None:
         root = os.environ.get("GENOME_LOG_DIR")
         if root is None:
-            from genome_jax.model_store import cache_root
-
             root = cache_root() / "logs"
         _path = Path(root) / f"genome-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     return _path

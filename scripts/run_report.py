@@ -109,7 +109,10 @@ def _test_report(cfg: RunConfig, state, experts, e_best: int, scorer: LLMScorer,
 
     def summary(res: dict) -> dict:
         return {"test_fitness": weighted_fitness([res[t] for t in fit_names], cfg.weights),
-                "test_scores": {t: r.score for t, r in res.items()}}
+                "test_scores": {t: r.score for t, r in res.items()},
+                # per item, for paired comparisons on the same items (genome bench quality)
+                "test_per_sample": {t: list(r.per_sample) for t, r in res.items()},
+                "test_ids": {t: list(r.ids) for t, r in res.items()}}
 
     out: dict[str, Any] = {}
     out["best"] = summary(test[0])

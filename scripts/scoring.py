@@ -1,5 +1,9 @@
-"""Scoring a population during a run: the synthetic TEST PROBLEM's scorer and the LLM scorer (vLLM evaluator
-process, or the in-process JAX scorer), plus the phase timer the run loop reports."""
+"""Scoring a population during a run: the synthetic TEST PROBLEM's scorer and the LLM scorer (one `Evaluator` over
+the vLLM evaluator process or the in-process JAX scorer), plus the phase timer the run loop reports.
+
+Wiring: evaluators never import JAX and genome_jax never imports evaluators; here the JAX scorer
+(genome_jax.models.scorer.JaxScorer) is handed to the evaluators' one `Evaluator` as its backend (`jax_evaluator`).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +15,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from genome_jax import faults
+import jax
+import numpy as np
+
+from evaluators.backends import Evaluator, make_evaluator, scratch_dir
+from evaluators.backends.cache import ResultCache
+from evaluators.protocol import ChoiceResponse
+from evaluators.tasks import get_task, weighted_fitness
+from genome_jax import faults, reporting, synthetic
+from genome_jax.models.scorer import InMemoryAdapter, JaxScorer
+from genome_jax.population import Population, export_adapter
 from genome_jax.run_config import RunConfig
+from genome_jax.sharding import replicate
 
 # ------------------------------------------------------------------------------------------------------ timing
 class Timer:
@@ -39,9 +53,6 @@ class Timer:
 # ----------------------------------------------------------------------------------------------------- scorers
 def _host(tree, idx=None):
     """Device pytree -> numpy pytree (optionally only individuals idx), in one transfer per leaf."""
-    import jax
-    import numpy as np
-
     if idx is not None:
         idx = np.asarray(idx)
         tree = jax.tree_util.tree_map(lambda a: a[idx], tree)
@@ -49,10 +60,8 @@ def _host(tree, idx=None):
 
 
 def _digest(tree, i: int) -> str:
-    """Content hash of individual i of a numpy pytree (dedupes identical individuals before export)."""
-    import jax
-    import numpy as np
-
+    """Content hash of individual i of a numpy pytree (dedupes identical individuals before export; the result-cache
+    key of an in-memory child on the JAX backend)."""
     h = hashlib.sha256()
     for leaf in jax.tree_util.tree_leaves(tree):
         h.update(np.ascontiguousarray(leaf[i]).tobytes())
@@ -63,14 +72,10 @@ def _whole(tree):
     """A population sharded over several devices (--devices), replicated so that each device sees whole individuals
     (as an evaluator process does after export): a batched reduction over a split axis would add in another order
     and change the last bits of the fitness. Anything else is returned as is."""
-    import jax
-
     leaves = jax.tree_util.tree_leaves(tree)
     sh = getattr(leaves[0], "sharding", None) if leaves else None
     if sh is None or len(sh.device_set) < 2 or sh.is_fully_replicated or not hasattr(sh, "mesh"):
         return tree
-    from genome_jax.sharding import replicate
-
     return replicate(tree, sh.mesh)
 
 
@@ -81,16 +86,10 @@ class SyntheticScorer:
     cache_hits = 0
 
     def __init__(self, experts_factors, seed: int):
-        from genome_jax import synthetic
-
         self.problem = synthetic.make_problem(experts_factors, seed=seed + 1)
         self._score = synthetic.score
 
     def dev_fitness(self, factors, idx, meta, timer: Timer, progress: bool) -> list[float]:
-        import numpy as np
-
-        from genome_jax import reporting
-
         bar = reporting.progress_bar(len(idx), "scoring (synthetic)", disable=not progress)
         with timer("scoring"):  # the whole population at once: one compiled shape for every generation
             full = np.asarray(self._score(self.problem, _whole(factors)))
@@ -126,41 +125,43 @@ def evaluator_kwargs(cfg: RunConfig, rank: int) -> dict[str, Any]:
     return kw
 
 
+def jax_evaluator(model_path: str, *, cache_dir: str | None = None, progress: bool = False,
+                  dtype: str = "float32") -> Evaluator:
+    """The evaluators' one `Evaluator` over the in-process JAX scorer (choice_logprob / loglik tasks): PEFT folders,
+    in-memory children (`InMemoryAdapter`) or None (the base model). No rank limit: nothing is loaded into vLLM."""
+    backend = JaxScorer(model_path, response_cls=ChoiceResponse, dtype=dtype)
+    return Evaluator(backend, model=model_path, max_lora_rank=None, cache=ResultCache(cache_dir), progress=progress)
+
+
+def in_memory_adapters(factors, n: int) -> list[InMemoryAdapter]:
+    """The n individuals of the numpy pytree `factors` (leaves (n, ...)) as JAX-backend adapter handles."""
+    return [InMemoryAdapter(key=_digest(factors, j), factors=jax.tree_util.tree_map(lambda a: a[j:j + 1], factors))
+            for j in range(n)]
+
+
 class LLMScorer:
-    """Real tasks: children exported as PEFT folders (tmpfs) to the vLLM evaluator, or scored in-process by the
-    JAX scorer (`--backend jax`, no export). Fitness = weighted task scores on the dev split."""
+    """Real tasks through one `Evaluator`: children exported as PEFT folders (tmpfs) to the vLLM evaluator, or handed
+    in memory to the JAX scorer (`--backend jax`, no export). Fitness = weighted task scores on the dev split."""
 
     kind = "llm"
 
     def __init__(self, cfg: RunConfig, model_path: str, rank: int, cache_dir: Path, progress: bool):
-        from evaluators.tasks import get_task
-
         self.cfg = cfg
         self.model_path = model_path
         self.fit_tasks = [get_task(t, formatter=model_path, mode=cfg.scoring) for t in cfg.tasks]
         self.report_tasks = self.fit_tasks + [self._unseen(t) for t in cfg.unseen_tasks]
-        self.evaluator = None
         self.cache_hits = 0  # individuals served whole from the evaluator's result cache
-        self.jax_scorer = None
         self.scratch = None
         self.progress = progress
         if cfg.backend == "jax":
-            from genome_jax.models.scorer import JaxScorer
-
-            self.jax_scorer = JaxScorer(model_path)
+            self.evaluator = jax_evaluator(model_path, cache_dir=str(cache_dir), progress=progress)
         else:
-            from evaluators.backends import make_evaluator, scratch_dir
-
             self.evaluator = make_evaluator(model_path, **evaluator_kwargs(cfg, rank), cache_dir=str(cache_dir),
                                             progress=progress)
             self.scratch = Path(scratch_dir("genome-run-"))
-            start = getattr(self.evaluator.backend, "start", None)
-            if start is not None:  # start the engine now, so its start-up time is reported on its own
-                start()
+        self.evaluator.backend.start()  # start the engine now, so its start-up time is reported on its own
 
     def _unseen(self, name: str):
-        from evaluators.tasks import get_task
-
         task = get_task(name, formatter=self.model_path)
         if self.cfg.scoring and self.cfg.scoring in task.modes:
             task = get_task(name, formatter=self.model_path, mode=self.cfg.scoring)
@@ -169,42 +170,25 @@ class LLMScorer:
     def evaluate(self, factors, meta, names: list[str], tasks, split: str, n: int | None, timer: Timer,
                  *, desc: str = "scoring") -> list[dict]:
         """Per individual of the numpy pytree `factors` (leaves (m, ...)): {task name: TaskResult} on `split`."""
-        if self.jax_scorer is not None:
-            from evaluators.protocol import ChoiceResponse
-
-            from genome_jax import reporting
-
-            out = [dict() for _ in names]
-            bar = reporting.progress_bar(len(tasks), desc, disable=not self.progress)
+        if self.cfg.backend == "jax":
             with timer("scoring"):
-                for task in tasks:
-                    items = task.load(split, n)
-                    reqs = task.build_requests(items, task.mode)
-                    per_ind = self.jax_scorer.responses(factors, reqs, ChoiceResponse)
-                    for j, resp in enumerate(per_ind):
-                        out[j][task.name] = task.score(items, resp, task.mode)
-                    bar.update(1)
-            bar.close()
-            return out
-        from genome_jax.population import Population, export_adapter
-
-        folder = Path(tempfile.mkdtemp(prefix=f"{split}-", dir=self.scratch))
-        try:
-            with timer("export"):
-                pop = Population(factors=factors, meta=dataclasses.replace(meta, names=tuple(names)))
-                dirs = [str(export_adapter(pop, j, folder / f"ind{j:03d}")) for j in range(len(names))]
-            faults.point("exported")
-            with timer("scoring"):
-                results = self.evaluator.evaluate(dirs, tasks, split, n)
-            self.cache_hits += sum(1 for r in results if r.cached)
-            faults.point("scored")
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+                results = self.evaluator.evaluate(in_memory_adapters(factors, len(names)), tasks, split, n, desc=desc)
+        else:
+            folder = Path(tempfile.mkdtemp(prefix=f"{split}-", dir=self.scratch))
+            try:
+                with timer("export"):
+                    pop = Population(factors=factors, meta=dataclasses.replace(meta, names=tuple(names)))
+                    dirs = [str(export_adapter(pop, j, folder / f"ind{j:03d}")) for j in range(len(names))]
+                faults.point("exported")
+                with timer("scoring"):
+                    results = self.evaluator.evaluate(dirs, tasks, split, n, desc=desc)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        self.cache_hits += sum(1 for r in results if r.cached)
+        faults.point("scored")
         return [r.tasks for r in results]
 
     def dev_fitness(self, factors, idx, meta, timer: Timer, progress: bool) -> list[float]:
-        from evaluators.tasks import weighted_fitness
-
         sub = _host(factors, idx)
         res = self.evaluate(sub, meta, [f"ind{i}" for i in idx], self.fit_tasks, "dev", self.cfg.n_dev, timer)
         return [weighted_fitness([r[t.name] for t in self.fit_tasks], self.cfg.weights) for r in res]

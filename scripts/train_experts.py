@@ -21,14 +21,18 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-EXAMPLE_FORMAT = "loglik-continuation-v1"  # enters the pool's recipe hash: change it when the example text changes
-
+from evaluators import provenance
+from evaluators.tasks import get_task
 from genome_jax import stopping
+from genome_jax.errors import UserError
+from genome_jax.model_store import default_model_path
+from genome_jax.models import trainer
+from genome_jax.models.trainer import DEMO_CONFIG as D
+
+EXAMPLE_FORMAT = "loglik-continuation-v1"  # enters the pool's recipe hash: change it when the example text changes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from genome_jax.models.trainer import DEMO_CONFIG as D
-
     p.add_argument("--model_path", default=None, help="HF Llama folder (default: the embedded SmolLM2-135M)")
     p.add_argument("--out", default=None, help="output folder for the adapters (required unless --demo/--pool)")
     p.add_argument("--experts", nargs="+", default=None, metavar="NAME=TASK[:split[start:stop]]",
@@ -58,13 +62,13 @@ def loglik_pairs(task: Any, items: Sequence[dict]) -> list[tuple[str, str]]:
     loglik_requests, flattened in label order (one request with every option for most tasks, one per option for
     WinoGrande's partial scoring), at the gold label's position."""
     if "loglik" not in getattr(task, "modes", ()):
-        raise _user_error(f"task '{task.name}' has no loglik mode; train-experts trains on multiple-choice tasks")
+        raise UserError(f"task '{task.name}' has no loglik mode; train-experts trains on multiple-choice tasks")
     out = []
     for it in items:
         task.check_loglik_item(it)
         labels = list(it["choices"])
         if it.get("answer") not in labels:
-            raise _user_error(f"{task.name}: item {it.get('id', it.get('_index'))}: answer {it.get('answer')!r} "
+            raise UserError(f"{task.name}: item {it.get('id', it.get('_index'))}: answer {it.get('answer')!r} "
                               f"is not one of the choices {labels}")
         pairs = [(r.prompt, o) for r in task.loglik_requests(it) for o in r.options]
         out.append(pairs[labels.index(it["answer"])])
@@ -74,15 +78,13 @@ def loglik_pairs(task: Any, items: Sequence[dict]) -> list[tuple[str, str]]:
 def spec_items(task: Any, spec: Any) -> list[dict]:
     items = task.load(spec.split)
     if spec.start >= len(items):
-        raise _user_error(f"expert {spec.name}: {spec.label} is empty ({spec.split} has {len(items)} items)")
+        raise UserError(f"expert {spec.name}: {spec.label} is empty ({spec.split} has {len(items)} items)")
     return items[spec.start : spec.stop]
 
 
 def pool_examples(model_path: str, specs: Sequence[Any], cfg: Any) -> list[list[Any]]:
     """One list of trainer.Example per expert spec (the tokenizer of the model folder)."""
-    from transformers import AutoTokenizer
-
-    from genome_jax.models import trainer
+    from transformers import AutoTokenizer  # heavy: only training a pool needs the tokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     return [trainer.continuation_examples(loglik_pairs(task, spec_items(task, s)), tok, max_len=cfg.seq_len)
@@ -102,42 +104,25 @@ def write_provenance(out_dir: Path, model_path: str, specs: Sequence[Any]) -> No
     """out_dir/<name>/genome_provenance.json per expert: exactly the items of its training slice (evaluators.provenance;
     `genome run` refuses a task whose dev/test items are among them). Over-long items that the trainer skipped are
     recorded too: the check errs towards refusing."""
-    from evaluators import provenance
-
     for spec, task in zip(specs, _tasks(model_path, specs)):
         entry = provenance.make_entry(task.name, getattr(task, "path", None), spec.split, spec_items(task, spec))
         provenance.write_provenance(Path(out_dir) / spec.name, [entry])
 
 
 def _tasks(model_path: str, specs: Sequence[Any]) -> list[Any]:
-    from evaluators.tasks.base import get_task
-
     return [get_task(s.task, formatter=model_path) for s in specs]
 
 
-def _user_error(msg: str) -> Exception:
-    from genome_jax.errors import UserError
-
-    return UserError(msg)
-
-
 # --------------------------------------------------------------------------------------------- named pools
-def _pools() -> dict[str, tuple[Any, Any]]:
-    from genome_jax.models import trainer
-
-    return {"demo": (trainer.DEMO_EXPERTS, trainer.DEMO_CONFIG),
-            "quality": (trainer.QUALITY_EXPERTS, trainer.QUALITY_CONFIG),
-            "smoke": (trainer.SMOKE_EXPERTS, trainer.SMOKE_CONFIG)}
-
-
-POOLS = ("demo", "quality", "smoke")
+_POOLS = {"demo": (trainer.DEMO_EXPERTS, trainer.DEMO_CONFIG),
+          "quality": (trainer.QUALITY_EXPERTS, trainer.QUALITY_CONFIG),
+          "smoke": (trainer.SMOKE_EXPERTS, trainer.SMOKE_CONFIG)}
+POOLS = tuple(_POOLS)
 
 
 def ensure_pool(model_path: str, name: str = "demo", *, progress: bool = True) -> Path:
     """The named pool's folder (trained on first use, then cached by recipe hash)."""
-    from genome_jax.models import trainer
-
-    specs, cfg = _pools()[name]
+    specs, cfg = _POOLS[name]
     return trainer.ensure_pool(model_path, specs, lambda: pool_examples(model_path, specs, cfg),
                                data_digest=data_digest(model_path, specs),
                                expert_digests=[data_digest(model_path, [s]) for s in specs], cfg=cfg,
@@ -152,13 +137,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from genome_jax.errors import UserError
-    from genome_jax.models import trainer
-
     model_path = args.model_path
     if model_path is None:
-        from genome_jax.model_store import default_model_path
-
         model_path = default_model_path()
     model_path = os.path.expanduser(os.fspath(model_path))
     if not os.path.isdir(model_path):

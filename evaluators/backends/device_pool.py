@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from evaluators.backends.managed import ManagedBackend
+from evaluators.backends.managed import ManagedBackend, engine_numerics
 from evaluators.errors import EvaluatorCrashed, UserError
 
 _DEVICE = re.compile(r"^(\d+|GPU-[0-9A-Fa-f-]+|MIG-[0-9A-Za-z/-]+)$")
@@ -31,13 +31,13 @@ def parse_devices(devices: str | Sequence[str | int]) -> list[str]:
     items = devices.split(",") if isinstance(devices, str) else [str(d) for d in devices]
     items = [d.strip() for d in items]
     if not items or any(not d for d in items):
-        raise UserError(f"--eval_devices {devices!r}: expected a comma-separated list such as 0,1,2,3")
+        raise UserError(f"eval_devices {devices!r}: expected a comma-separated list such as 0,1,2,3")
     bad = [d for d in items if not _DEVICE.match(d)]
     if bad:
-        raise UserError(f"--eval_devices: {bad[0]!r} is not a device index or GPU UUID")
+        raise UserError(f"eval_devices: {bad[0]!r} is not a device index or GPU UUID")
     dup = sorted({d for d in items if items.count(d) > 1})
     if dup:
-        raise UserError(f"--eval_devices: device {dup[0]} is listed twice (one engine per device)")
+        raise UserError(f"eval_devices: device {dup[0]} is listed twice (one engine per device)")
     return items
 
 
@@ -86,6 +86,9 @@ class DevicePoolBackend:
             raise errors[0]
         self.info = [dict(info, device=d) for info, d in zip(infos, self.devices)]
         return self.info
+
+    def numerics(self, mode: str | None = None) -> str:
+        return engine_numerics(self.start(), mode)
 
     def _chunk(self, n_jobs: int) -> int:
         if self.chunk:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Callable
@@ -78,7 +79,7 @@ class EndpointsBackend:
     def __init__(self, endpoints: list[str], *, model: str | None = None, per_endpoint: int = 4,
                  request_timeout_s: float = 900.0, **_ignored):
         if not endpoints:
-            raise UserError("--endpoints needs at least one http://host:port")
+            raise UserError("endpoints: at least one http://host:port is needed")
         self.endpoints = [Endpoint(u, request_timeout_s) for u in endpoints]
         self.model = model
         self.per_endpoint = max(1, per_endpoint)
@@ -93,11 +94,15 @@ class EndpointsBackend:
             self._connected = True
 
     def start(self) -> None:
-        """Check that every server answers before any work (an unreachable URL is the user's to fix)."""
+        """Check that every server answers before any work (an unreachable URL is the user's to fix). The servers'
+        configuration is theirs: no engine info."""
         try:
             self._connect()
         except EvaluatorCrashed as e:
-            raise UserError(f"--endpoints: {e}") from None
+            raise UserError(f"endpoints: {e}") from None
+
+    def numerics(self, mode: str | None = None) -> str:
+        return "endpoints:server"  # the servers' dtype is theirs
 
     # ---- one individual on one endpoint -------------------------------------------------------------------------
     def _score(self, ep: Endpoint, model: str, requests: list) -> list:
@@ -171,7 +176,7 @@ class EndpointsBackend:
     def answer(self, jobs: list[tuple[str | None, str | None, list]], *, mode: str | None = None,
                timeout_s: float | None = None, on_progress: Callable[[int], None] | None = None):
         if mode not in (None, "auto", "lora"):
-            raise UserError(f"--eval_mode {mode} is not available with --endpoints (servers use multi-LoRA)")
+            raise UserError(f"mode {mode!r} is not available with endpoints (servers use multi-LoRA)")
         self._connect()
         results: list = [None] * len(jobs)
         done = [0]
@@ -185,8 +190,6 @@ class EndpointsBackend:
 
     def _run_phase(self, jobs, indices, results, done, timeout_s, on_progress) -> None:
         """Hand each job to the least busy endpoint (at most `per_endpoint` in flight on each); first error wins."""
-        import time
-
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         eps = self.endpoints
         inflight = [0] * len(eps)

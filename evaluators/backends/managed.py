@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Callable
 
+from evaluators.backends.scratch import remove_dead_pid_dirs
 from evaluators.errors import EvaluatorCrashed, UserError
 from evaluators.protocol import from_json, to_json
 
@@ -48,6 +49,13 @@ def worker_env(extra: dict | None = None) -> dict:
     env["PYTHONPATH"] = _REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(extra or {})
     return env
+
+
+def engine_numerics(info: dict | list[dict], mode: str | None) -> str:
+    """"route:dtype" from a started engine's info (several engines, a pool or Ray: they share one config)."""
+    if isinstance(info, list):
+        info = info[0] if info else {}
+    return f"{mode or info.get('mode', 'auto')}:{info.get('dtype', '?')}"
 
 
 class ManagedBackend:
@@ -78,7 +86,7 @@ class ManagedBackend:
         env: dict | None = None,
     ):
         if mode not in ("auto", "swap", "lora"):
-            raise UserError(f"--eval_mode must be auto, swap or lora, not {mode!r}")
+            raise UserError(f"mode must be auto, swap or lora, not {mode!r}")
         self.model = model
         self.max_lora_rank = max_lora_rank
         self.cfg = dict(model=model, mode=mode, dtype=dtype, max_lora_rank=max_lora_rank, max_loras=max_loras,
@@ -106,8 +114,6 @@ class ManagedBackend:
         log = open(self.log_path, "ab")
         # a private temp folder (vLLM's file store rendezvous lives there), removed with the worker; one left by a
         # SIGKILLed engine is removed by the next start
-        from evaluators.backends.base import remove_dead_pid_dirs
-
         remove_dead_pid_dirs(tempfile.gettempdir(), "genome-worker-")
         self._tmp = tempfile.mkdtemp(prefix=f"genome-worker-{os.getpid()}-")
         self.proc = subprocess.Popen(
@@ -225,6 +231,11 @@ class ManagedBackend:
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError, ValueError, AttributeError):
             pass  # a dead worker is reported by _wait (EOF) with its exit status
+
+    def numerics(self, mode: str | None = None) -> str:
+        """"route:dtype" of this engine for a call with `mode`, e.g. "swap:float32" (starts the engine: "auto" is
+        resolved by its platform, the dtype by its checkpoint)."""
+        return engine_numerics(self.start(), mode)
 
     # ---- scoring --------------------------------------------------------------------------------------------------
     def answer(self, jobs: list[tuple[str | None, str | None, list]], *, mode: str | None = None,

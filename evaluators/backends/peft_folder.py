@@ -1,22 +1,23 @@
 """Reading PEFT LoRA folders on the evaluator side: config checks (no torch), content hash, and ΔW per weight (torch).
 
 The config checks and the hash run in the engine's process (they need only json + hashlib); `delta_weights` runs in
-the worker, which has torch. Weight names follow the HF checkpoint: PEFT key
+the worker, which has torch. The scale rule and the hash are peft_format's, shared with genome_jax. Weight names
+follow the HF checkpoint: PEFT key
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` -> `model.layers.0.self_attn.q_proj.weight`.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import re
 
+import peft_format
 from evaluators.errors import UserError
 
-CONFIG = "adapter_config.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+CONFIG = peft_format.CONFIG_NAME
+WEIGHT_FILES = (peft_format.WEIGHTS_NAME, peft_format.PICKLE_NAME)
 # Linear layers whose LoRA both the weight-swap path and vLLM's LoRA path apply (Llama-family names).
 SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -75,7 +76,7 @@ def check_rank(info: AdapterInfo, max_lora_rank: int) -> None:
     if info.rank > max_lora_rank:
         raise UserError(
             f"{info.path}: LoRA rank {info.rank} is above max_lora_rank={max_lora_rank}; "
-            f"restart the evaluator with --max_lora_rank {_next_pow2(info.rank)} (or higher)"
+            f"restart the evaluator with max_lora_rank {_next_pow2(info.rank)} (or higher)"
         )
 
 
@@ -84,38 +85,17 @@ def _next_pow2(n: int) -> int:
 
 
 def content_hash(path: str) -> str:
-    """sha256 over the adapter's config (canonical JSON) and weight bytes: the cache identity of an individual."""
-    h = hashlib.sha256()
-    h.update(json.dumps(read_config(path), sort_keys=True).encode())
-    for name in WEIGHT_FILES:
-        f = os.path.join(path, name)
-        if os.path.isfile(f):
-            h.update(name.encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()
-
-
-def _scale(cfg: dict, module: str, rank: int) -> float:
-    """PEFT's scaling for one module: alpha/r (alpha/sqrt(r) with rsLoRA), alpha_pattern/rank_pattern honoured.
-
-    PEFT matches pattern keys against the module path by suffix (`key` or `.key` at the end, or a regex); we do the
-    same for the plain-name case and fall back to a full regex match.
-    """
-    def lookup(pattern: dict, default):
-        for key, val in (pattern or {}).items():
-            if module == key or module.endswith("." + key) or re.fullmatch(key, module):
-                return val
-        return default
-
-    alpha = float(lookup(cfg.get("alpha_pattern"), cfg.get("lora_alpha", rank)))
-    return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    """The cache identity of an individual: peft_format.content_hash of its config and safetensors weights."""
+    cfg = read_config(path)
+    try:
+        return peft_format.content_hash(cfg, os.path.join(path, WEIGHT_FILES[0]))
+    except OSError as e:
+        raise UserError(f"{path}/{WEIGHT_FILES[0]}: unreadable ({e.strerror or e})") from None
 
 
 def delta_weights(path: str):
     """ΔW = s * B @ A per targeted weight, in float32. Returns {hf_weight_name: (d_out, d_in) torch tensor}."""
-    import torch
+    import torch  # heavy, worker only: the engine process checks and hashes folders without torch
     from safetensors.torch import load_file
 
     cfg = read_config(path)
@@ -136,7 +116,10 @@ def delta_weights(path: str):
         a, b = ab["A"].to(torch.float32), ab["B"].to(torch.float32)  # A: (r, d_in), B: (d_out, r)
         if a.shape[0] != b.shape[1]:
             raise UserError(f"{path}: {module!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} (ranks differ)")
-        out[module + ".weight"] = (b @ a) * _scale(cfg, module, a.shape[0])
+        r, scale = peft_format.module_rank_scale(cfg, module)
+        if a.shape[0] != r:
+            raise UserError(f"{path}: {module!r} has rank {a.shape[0]} but {CONFIG} gives r={r} for it")
+        out[module + ".weight"] = (b @ a) * scale
     if not out:
         raise UserError(f"{path}: the adapter holds no LoRA weights")
     return out

@@ -25,11 +25,15 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
 from typing import Any, Callable
 
+import evaluators
+from evaluators.backends.managed import engine_numerics
+from evaluators.backends.worker import Engine
 from evaluators.errors import EvaluatorCrashed, UserError
 from evaluators.protocol import from_json, to_json
 
@@ -50,7 +54,7 @@ _PASS_THROUGH = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM
 
 def _ray():
     try:
-        import ray
+        import ray  # optional extra (genome-jax[ray]), heavy: only the Ray backend needs it
     except ImportError:
         raise UserError("the Ray backend needs Ray: pip install 'genome-jax[ray]' (or pip install ray)") from None
     return ray
@@ -126,17 +130,13 @@ class EngineHost:
     """Body of a Ray actor: one `worker.Engine` and a scratch folder for the adapters it is sent."""
 
     def __init__(self, cfg: dict, env: dict):
-        os.environ.update(env)  # also set through runtime_env; here for actors started without one
-        from evaluators.backends.worker import Engine
-
+        os.environ.update(env)  # also set via runtime_env; here for actors started without one (before vLLM loads)
         base = _scratch_base()
         _remove_orphans(base)
         self.root = tempfile.mkdtemp(prefix=f"{_SCRATCH}{os.getpid()}-", dir=base)
         self.engine = Engine(cfg)
 
     def info(self) -> dict:
-        import socket
-
         return dict(self.engine.info(), host=socket.gethostname())
 
     def score(self, key: str | None, packed: dict[str, bytes] | None, requests: list[dict], mode: str | None):
@@ -195,9 +195,9 @@ class RayBackend:
         ship_code: bool | None = None,
     ):
         if mode not in ("auto", "swap", "lora"):
-            raise UserError(f"--eval_mode must be auto, swap or lora, not {mode!r}")
+            raise UserError(f"mode must be auto, swap or lora, not {mode!r}")
         if num_actors is not None and num_actors < 1:
-            raise UserError(f"--ray_actors must be >= 1, not {num_actors}")
+            raise UserError(f"num_actors must be >= 1, not {num_actors}")
         self.model = model
         self.max_lora_rank = max_lora_rank
         self.cfg = dict(model=model, mode=mode, dtype=dtype, max_lora_rank=max_lora_rank, max_loras=max_loras,
@@ -233,8 +233,6 @@ class RayBackend:
                 kwargs["address"] = self.address
             ship = self.ship_code if self.ship_code is not None else bool(self.address)
             if ship:  # a remote cluster's nodes may not have this package: send it with the job
-                import evaluators
-
                 runtime_env = dict(kwargs.get("runtime_env") or {})
                 runtime_env.setdefault("py_modules", [os.path.dirname(evaluators.__file__)])
                 kwargs["runtime_env"] = runtime_env
@@ -281,6 +279,9 @@ class RayBackend:
             self.close()
             raise
         return self.info
+
+    def numerics(self, mode: str | None = None) -> str:
+        return engine_numerics(self.start(), mode)
 
     def _get(self, ray, refs, timeout_s, doing):
         try:

@@ -11,6 +11,7 @@ import json
 import os
 
 import torch
+from safetensors import safe_open
 
 # sibling shards that vLLM loads into one fused parameter (Llama family)
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -28,8 +29,6 @@ class BaseWeights:
     """Lazily read base weights from the model's safetensors, kept as float32 (exact for a bf16 checkpoint)."""
 
     def __init__(self, model_dir: str, dtype: torch.dtype = torch.float32):
-        from safetensors import safe_open
-
         self._dtype = dtype
         self._cache: dict[str, torch.Tensor] = {}
         self._where: dict[str, str] = {}

@@ -84,7 +84,7 @@ def choice_nodes(options, oids: list[list[int]]) -> dict[tuple[int, ...], list[i
 
 def cpu_has_bf16() -> bool:
     """Does this CPU run bf16 matrix products natively (AVX512-BF16 or AMX tiles)? (torch's own probes)"""
-    import torch
+    import torch  # heavy: endpoints.py imports this module into processes that never need torch
 
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
@@ -94,8 +94,8 @@ class Engine:
     """One vLLM engine and the bookkeeping of which individual's weights it currently holds."""
 
     def __init__(self, cfg: dict):
-        from vllm import LLM
-        from vllm.platforms import current_platform
+        from vllm import LLM  # heavy, only in the worker process (endpoints.py imports this module without vLLM)
+        from vllm.platforms import current_platform  # heavy, worker process only
 
         self.cfg = cfg
         self.platform = "cpu" if current_platform.is_cpu() else ("cuda" if current_platform.is_cuda() else "other")
@@ -159,7 +159,7 @@ class Engine:
         box: dict = {}
 
         def run():
-            import torch
+            import torch  # heavy, worker process only
 
             torch._C.set_num_threads(1)
             try:
@@ -174,7 +174,7 @@ class Engine:
             raise box["error"]
 
     def _swap(self, adapter: str | None, key: str | None) -> None:
-        from evaluators.backends.swap import BaseWeights, plan_push
+        from evaluators.backends.swap import BaseWeights, plan_push  # swap.py imports torch: worker process only
 
         if self._base is None:
             self._base = BaseWeights(self.cfg["model"])
@@ -195,7 +195,7 @@ class Engine:
 
     # ---- requests -> vLLM inputs ----------------------------------------------------------------------------------
     def _sampling(self, **kw):
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # heavy, worker process only
 
         key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))
         p = self._params_cache.get(key)
@@ -262,7 +262,7 @@ class Engine:
 
     def generate(self, prompts: list, params: list, plan: list, lora_request=None) -> list:
         """llm.generate, then a second pass (no prefix-cache reads) for the outputs `uncomputed` names."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # heavy, worker process only
 
         if not prompts:
             return []
@@ -324,7 +324,7 @@ class Engine:
         if mode != "lora":
             raise UserError(f"unknown eval mode {mode!r} (swap or lora)")
         if not self.lora_enabled:
-            raise UserError("this evaluator was started without LoRA support; start it with --eval_mode lora")
+            raise UserError("this evaluator was started without LoRA support; start it with mode='lora'")
         self.swap_to(None)  # restore base weights if a swap left some behind
         results: list = [None] * len(jobs)
         # Base-model jobs run in a batch of their own: vLLM's CPU LoRA kernels index the LoRA slots with the
@@ -342,7 +342,7 @@ class Engine:
 
     def _lora_batch(self, jobs: list[dict], timing: dict) -> list:
         """All requests of all `jobs` in one generate call, each individual's with its LoRARequest."""
-        from vllm.lora.request import LoRARequest
+        from vllm.lora.request import LoRARequest  # heavy, worker process only
 
         prompts, params, loras, spans, plans = [], [], [], [], []
         ids = []

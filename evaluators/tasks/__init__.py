@@ -41,10 +41,10 @@ Typical use by a backend:
     result = task.score(items, responses, task.mode)
 """
 from evaluators.tasks.base import (CHOICE_LOGPROB, EXACT_MATCH, FREE_ANSWER, GENERATE, KINDS, LOGLIK, MODES,
-                                   MULTIPLE_CHOICE, GenerationConfig, Task, TaskResult, get_task, list_tasks,
-                                   register_task)
+                                   MULTIPLE_CHOICE, GenerationConfig, Task, TaskResult)
 from evaluators.tasks.builtin import (DROP, GSM8K, ExactMatchTask, FileTask, FreeAnswerTask, MultipleChoiceTask, NLGraph,
-                                      task_from_file)
+                                      get_task, task_from_file)
+from evaluators.tasks.registry import list_tasks, register_task
 from evaluators.tasks.loading import default_data_dir
 from evaluators.tasks.metrics import normalize_weights, weighted_fitness
 from evaluators.tasks.prompts import PromptFormatter, identity_formatter

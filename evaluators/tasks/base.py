@@ -1,4 +1,4 @@
-"""The task interface, its result type and the registry.
+"""The task interface and its result type (the registry: tasks.registry; lookup by name or path: tasks.builtin).
 
 A task turns items into protocol requests and answers into a TaskResult:
     items = task.load(split, n)                       # validated, tagged with _split/_index
@@ -9,10 +9,9 @@ A task turns items into protocol requests and answers into a TaskResult:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from evaluators.errors import UserError
 from evaluators.protocol import Request, Response
@@ -185,63 +184,3 @@ class Task:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, mode={self.mode!r})"
-
-
-# ---------------------------------------------------------------------------------------------- registry
-_REGISTRY: dict[str, type[Task]] = {}
-
-
-def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
-    """Class decorator: `@register_task("mytask")` makes get_task("mytask") build that class (sets cls.name)."""
-    if not name or os.sep in name or name.endswith(".json"):
-        raise ValueError(f"invalid task name {name!r}")
-
-    def deco(cls: type[Task]) -> type[Task]:
-        if not (isinstance(cls, type) and issubclass(cls, Task)):
-            raise TypeError(f"@register_task({name!r}) needs a subclass of evaluators.tasks.Task")
-        prev = _REGISTRY.get(name)
-        if prev is not None and (prev.__module__, prev.__qualname__) != (cls.__module__, cls.__qualname__):
-            raise ValueError(f"task name {name!r} is already registered by {prev.__module__}.{prev.__qualname__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def list_tasks() -> list[str]:
-    """Registered task names, sorted."""
-    return sorted(_REGISTRY)
-
-
-def _is_path(name: str) -> bool:
-    return name.endswith(".json") or os.sep in name or (os.altsep is not None and os.altsep in name)
-
-
-def get_task(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, **kwargs: Any) -> Task:
-    """A task by registered name, or a task file in the shared format by path (kind inferred from its items).
-
-    data_dir: folder with <name>.json for file-backed named tasks (default: the copies in evaluators/data).
-    kwargs: formatter=, mode=, generation= (see Task).
-    """
-    from evaluators.tasks.builtin import task_from_file  # registers the built-in tasks
-
-    name = os.fspath(name_or_path)
-    if name in _REGISTRY:
-        return _REGISTRY[name](data_dir=data_dir, **kwargs)
-    if _is_path(name) or os.path.isfile(name):
-        return task_from_file(name, **kwargs)
-    raise UserError(f"unknown task '{name}' (known: {', '.join(list_tasks())}; or give a path to a task .json file)")
-
-
-def read_json(path: str) -> Any:
-    """json.load with a UserError naming the file (and line/column) on failure."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"task file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read task file: {e}") from None

@@ -1,4 +1,5 @@
-"""The built-in tasks (multiple choice incl. WinoGrande, GSM8K, NLGraph, DROP) and tasks built from a file path."""
+"""The built-in tasks (multiple choice incl. WinoGrande, GSM8K, NLGraph, DROP), tasks built from a file path, and
+`get_task` (by registered name or by path; importing this module registers the built-ins)."""
 from __future__ import annotations
 
 import os
@@ -9,8 +10,9 @@ from evaluators.protocol import ChoiceRequest, ChoiceResponse, GenerateRequest, 
 from evaluators.tasks import extraction as ex
 from evaluators.tasks import metrics as M
 from evaluators.tasks.base import (CHOICE_LOGPROB, EXACT_MATCH, FREE_ANSWER, GENERATE, LOGLIK, MULTIPLE_CHOICE, Item,
-                                   Task, TaskResult, register_task)
+                                   Task, TaskResult)
 from evaluators.tasks.loading import infer_kind, load_split, read_task_file, task_file
+from evaluators.tasks.registry import list_tasks, register_task, registered
 from evaluators.tasks.prompts import MC_REPLY_INSTRUCTION, multiple_choice_body
 
 
@@ -404,3 +406,22 @@ def task_from_file(path: str, **kwargs: Any) -> Task:
     name = os.path.splitext(os.path.basename(path))[0]
     cls = type(f"FileTask_{kind}", (_BY_KIND[kind],), {"name": name})
     return cls(path=path, **kwargs)
+
+
+def _is_path(name: str) -> bool:
+    return name.endswith(".json") or os.sep in name or (os.altsep is not None and os.altsep in name)
+
+
+def get_task(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, **kwargs: Any) -> Task:
+    """A task by registered name, or a task file in the shared format by path (kind inferred from its items).
+
+    data_dir: folder with <name>.json for file-backed named tasks (default: the copies in evaluators/data).
+    kwargs: formatter=, mode=, generation= (see Task).
+    """
+    name = os.fspath(name_or_path)
+    cls = registered(name)
+    if cls is not None:
+        return cls(data_dir=data_dir, **kwargs)
+    if _is_path(name) or os.path.isfile(name):
+        return task_from_file(name, **kwargs)
+    raise UserError(f"unknown task '{name}' (known: {', '.join(list_tasks())}; or give a path to a task .json file)")

@@ -9,12 +9,13 @@ Format (see evaluators/data/README.md): a JSON object {"dev": [item, ...], "test
 from __future__ import annotations
 
 import functools
+import json
 import os
 import string
 from typing import Any
 
 from evaluators.errors import UserError
-from evaluators.tasks.base import EXACT_MATCH, FREE_ANSWER, MULTIPLE_CHOICE, read_json
+from evaluators.tasks.base import EXACT_MATCH, FREE_ANSWER, MULTIPLE_CHOICE
 
 _LETTERS = string.ascii_uppercase
 
@@ -107,6 +108,19 @@ def validate_item(item: Any, kind: str, where: str) -> dict:
             raise UserError(f"{where}: 'answer' must be a non-empty string or a number, got {answer!r}")
         out["answer"] = str(answer)
     return out
+
+
+def read_json(path: str) -> Any:
+    """json.load with a UserError naming the file (and line/column) on failure."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"task file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read task file: {e}") from None
 
 
 @functools.lru_cache(maxsize=32)

@@ -11,6 +11,9 @@ import argparse
 import os
 import time
 
+from evaluators.reference import answer_with_transformers, load_reference_model
+from evaluators.tasks import get_task
+
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,9 +23,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--variants", nargs="+", choices=["plain", "chat"], default=["plain", "chat"])
     args = p.parse_args(argv)
-
-    from evaluators.reference import answer_with_transformers, load_reference_model
-    from evaluators.tasks import get_task
 
     loaded = load_reference_model(args.model_path)
     for name in args.tasks:

@@ -147,13 +147,13 @@ def normalize_weights(weights: Sequence[float] | None, n_tasks: int, names: Sequ
         return tuple(1.0 / n_tasks for _ in range(n_tasks)), None
     w = [float(x) for x in weights]
     if len(w) != n_tasks:
-        raise UserError(f"--task_weights has {len(w)} values but there are {n_tasks} tasks{label}: give one weight per task")
+        raise UserError(f"task_weights has {len(w)} values but there are {n_tasks} tasks{label}: give one weight per task")
     for i, x in enumerate(w):
         if not math.isfinite(x) or x < 0:
-            raise UserError(f"--task_weights value {i + 1} is {x}: weights must be finite and >= 0")
+            raise UserError(f"task_weights value {i + 1} is {x}: weights must be finite and >= 0")
     s = sum(w)
     if s <= 0:
-        raise UserError(f"--task_weights {w} sum to {s}: at least one weight must be > 0")
+        raise UserError(f"task_weights {w} sum to {s}: at least one weight must be > 0")
     if abs(s - 1.0) > 1e-9:
         return tuple(x / s for x in w), f"task weights {w} sum to {s:g}; normalised to sum 1"
     return tuple(w), None

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
 
 from genome_jax.errors import UserError
 
@@ -109,8 +110,6 @@ def load_config(model_path: str | os.PathLike) -> LlamaConfig:
 
 
 def _read_safetensors(model_path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
     files = sorted(model_path.glob("*.safetensors"))
     if not files:
         raise UserError(f"{model_path}: no *.safetensors weights found")

@@ -1,8 +1,11 @@
 """JAX scoring backend for multiple-choice (`choice_logprob` and `loglik`) requests: every individual of a population
 on N requests in jitted, batched forward passes, no PEFT export.
 
-A request is anything with `.prompt: str` and `.options: tuple[str, ...]` (evaluators.protocol.ChoiceRequest;
-genome_jax never imports evaluators, so the types are duck-typed and `to_responses` takes the response class).
+`JaxScorer` is one more scoring backend behind the evaluator (`evaluators.protocol.ScoringBackend`, satisfied
+structurally: genome_jax never imports evaluators): `answer(jobs)` takes PEFT folders, in-memory adapters
+(`InMemoryAdapter`: a run's children, no export) or None (the base model), and the evaluator owns the task loop and
+the result cache. A request is anything with `.prompt: str` and `.options: tuple[str, ...]`
+(evaluators.protocol.ChoiceRequest); the response class is passed in (`response_cls`).
 
 Tokenisation is the vLLM backend's (evaluators/backends/worker.py) and the OpenAI completions convention:
 prompt ids = encode(prompt) (the tokenizer's default special tokens), option ids = encode(option) without special
@@ -16,6 +19,7 @@ import dataclasses
 import functools
 import math
 import os
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -24,9 +28,7 @@ import numpy as np
 
 from genome_jax.errors import UserError
 from genome_jax.models import llama
-
-
-CHOICE_MODES = ("choice_logprob", "loglik")  # task modes whose requests are choice requests (evaluators.tasks)
+from genome_jax.population import load_population
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,57 +186,119 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pid) if pid is not None else 0
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class InMemoryAdapter:
+    """An adapter handle for the JAX backend: one individual's LoRA factors in memory (no PEFT export).
+
+    key: content hash (the evaluator's result-cache key; equal factors, equal key).
+    factors: Contract 1 dict of ONE individual, {module_path: {"A": (1, r, d_in), "B": (1, d_out, r)}} (numpy or
+    jax arrays, scale folded into B)."""
+
+    key: str
+    factors: dict
+
+
+def _signature(factors: dict) -> tuple:
+    """Structure and shapes without the population axis: adapters with equal signatures stack into one pass."""
+    return tuple((path, ab, tuple(x.shape[1:]))
+                 for path, mods in sorted(factors.items()) for ab, x in sorted(mods.items()))
+
+
 class JaxScorer:
-    """Loads the model once and scores populations of adapters on choice requests (the `--backend jax` path).
+    """The `--backend jax` scoring backend: loads the model once, answers choice requests for adapters in batched
+    forward passes (individuals that share their requests and shapes are stacked into one population pass).
 
-        scorer = JaxScorer(model_path)
-        logprobs = scorer.score(population.factors, requests)                       # (P, N, J)
-        responses = scorer.responses(population.factors, requests, ChoiceResponse)  # [P][N]
-        results = scorer.evaluate(population.factors, tasks, "dev", 200, ChoiceResponse)  # [P]{task: TaskResult}
-
-    Tasks and response types are passed in (duck-typed: task.load / build_requests / score, as in
-    evaluators.tasks), so genome_jax never imports evaluators.
+        backend = JaxScorer(model_path, response_cls=ChoiceResponse)
+        Evaluator(backend, model=model_path, max_lora_rank=None).evaluate([None, "/pool/a", InMemoryAdapter(...)],
+                                                                          tasks, "dev", 200)
+        backend.score(population.factors, requests)     # (P, N, J) option log-probs, the numeric core
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, dtype: Any = jnp.float32, batch_size: int = 8,
-                 bucket: int = 32, pop_chunk: int | None = 8):
-        from transformers import AutoTokenizer
+    kind = "jax"
+
+    def __init__(self, model_path: str | os.PathLike, *, response_cls: Callable[..., Any] | None = None,
+                 dtype: Any = jnp.float32, batch_size: int = 8, bucket: int = 32, pop_chunk: int | None = 8):
+        """response_cls(logprobs=tuple) builds one answer (evaluators.protocol.ChoiceResponse); needed by `answer`."""
+        from transformers import AutoTokenizer  # heavy (seconds): only this backend needs a tokenizer on the JAX side
 
         self.model_path = os.fspath(model_path)
-        self.config, self.params = llama.load_params(self.model_path, dtype=dtype)
+        self.dtype = jnp.dtype(dtype)
+        self.config, self.params = llama.load_params(self.model_path, dtype=self.dtype)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load a tokenizer from {self.model_path}: {e}") from None
+        self.response_cls = response_cls
         self.batch_size, self.bucket, self.pop_chunk = batch_size, bucket, pop_chunk
 
     def score(self, factors: dict | None, requests: Sequence[Any]) -> np.ndarray:
+        """Option log-probs (P, N, n_options_max) of the population `factors` (None: the base model, P = 1)."""
         return score_population(self.params, self.config, factors, requests, self.tokenizer,
                                 batch_size=self.batch_size, bucket=self.bucket, pop_chunk=self.pop_chunk)
 
-    def responses(self, factors: dict | None, requests: Sequence[Any], response_cls: Callable[..., Any]):
-        return to_responses(self.score(factors, requests), requests, response_cls)
+    # ---- the ScoringBackend interface (evaluators.protocol) ---------------------------------------------------------
+    def start(self) -> dict:
+        return {"mode": "jax", "dtype": self.dtype.name}  # loaded in the constructor: nothing to start
 
-    def score_folders(self, folders: Sequence[str | os.PathLike], requests: Sequence[Any]) -> np.ndarray:
-        """Score PEFT adapter folders (read with genome_jax.population.load_population)."""
-        from genome_jax.population import load_population
+    def numerics(self, mode: str | None = None) -> str:
+        return f"jax:{self.dtype.name}"
 
-        return self.score(load_population(list(folders)).factors, requests)
+    def close(self) -> None:
+        pass  # in-process: the params go with the object
 
-    def evaluate(self, factors: dict | None, tasks: Sequence[Any], split: str, n: int | None,
-                 response_cls: Callable[..., Any]) -> list[dict[str, Any]]:
-        """Per individual, {task name: task.score(...)} on the first n items of `split`, in each task's mode
-        (choice_logprob or loglik: both are choice requests; a task may build several per item).
-        All requests of all tasks go through one scoring pass."""
-        prepared, requests = [], []
-        for task in tasks:
-            if task.mode not in CHOICE_MODES:
-                raise UserError(f"the JAX scorer scores choice requests only ({', '.join(CHOICE_MODES)}); "
-                                f"task '{task.name}' uses '{task.mode}'")
-            items = task.load(split, n)
-            reqs = task.build_requests(items, task.mode)
-            prepared.append((task, items, len(requests), len(reqs)))
-            requests += reqs
-        resp = self.responses(factors, requests, response_cls)
-        return [{t.name: t.score(items, r[start : start + k], t.mode) for t, items, start, k in prepared}
-                for r in resp]
+    def answer(self, jobs: Sequence[tuple[Any, str | None, Sequence[Any]]], *, mode: str | None = None,
+               timeout_s: float | None = None, on_progress: Callable[[int], None] | None = None):
+        """jobs: [(adapter, content key | None, [choice request, ...]), ...] -> ([[response, ...], ...], timing).
+
+        adapter: a PEFT folder path, an `InMemoryAdapter`, or None (the base model). Jobs with the same requests
+        and the same factor shapes are scored together, `pop_chunk` individuals per pass. mode: this backend has one
+        route (None or "auto"). timeout_s is not enforced: scoring runs in this process (a stop signal ends it)."""
+        if self.response_cls is None:
+            raise UserError("response_cls is needed to answer requests (e.g. evaluators.protocol.ChoiceResponse)")
+        if mode not in (None, "auto", "jax"):
+            raise UserError(f"mode {mode!r}: the JAX backend has one route (no swap or lora)")
+        for _, _, reqs in jobs:
+            for r in reqs:
+                if not hasattr(r, "options"):
+                    raise UserError(f"the JAX backend scores choice requests only (tasks in choice_logprob or loglik "
+                                    f"mode), not {type(r).__name__}")
+        t0 = time.perf_counter()
+        groups: dict[tuple, list[tuple[int, dict | None]]] = {}  # (requests, signature) -> [(job index, factors)]
+        for j, (adapter, _, reqs) in enumerate(jobs):
+            factors = self._factors(adapter)
+            sig = None if factors is None else _signature(factors)
+            groups.setdefault((tuple(reqs), sig), []).append((j, factors))
+        results: list = [None] * len(jobs)
+        done = 0
+        for (reqs, sig), members in groups.items():
+            enc = encode_requests(reqs, self.tokenizer)
+            step = 1 if sig is None else (self.pop_chunk or len(members))
+            for start in range(0, len(members), step):
+                part = members[start:start + step]
+                stacked = None if sig is None else jax.tree.map(lambda *xs: np.concatenate(xs), *[f for _, f in part])
+                lp = score_encoded(self.params, self.config, stacked, enc, batch_size=self.batch_size,
+                                   bucket=self.bucket, pad_id=_pad_id(self.tokenizer), pop_chunk=None)
+                for (j, _), resp in zip(part, to_responses(lp, reqs, self.response_cls)):
+                    results[j] = resp
+                done += len(part)
+                if on_progress is not None:
+                    on_progress(done)
+        return results, {"score_s": time.perf_counter() - t0, "groups": len(groups)}
+
+    @staticmethod
+    def _factors(adapter: Any) -> dict | None:
+        """One individual's factors (leaves with a population axis of 1, on the host), or None for the base."""
+        if adapter is None:
+            return None
+        if isinstance(adapter, (str, os.PathLike)):
+            factors = load_population([adapter]).factors
+        elif isinstance(getattr(adapter, "factors", None), dict):
+            factors = adapter.factors
+        else:
+            raise UserError(f"adapters: the JAX backend takes PEFT folders, InMemoryAdapter or None, not "
+                            f"{type(adapter).__name__}")
+        factors = jax.tree.map(np.asarray, factors)
+        if any(x.ndim != 3 or x.shape[0] != 1 for x in jax.tree.leaves(factors)):
+            raise UserError("adapters: an InMemoryAdapter holds ONE individual: factor leaves of shape (1, r, d_in) "
+                            "and (1, d_out, r)")
+        return factors

@@ -35,9 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from genome_jax.errors import UserError
 from genome_jax.models import llama
+from genome_jax.population import Population, PopulationMeta, export_adapter
 
 SPLITS = ("dev", "test")
 
@@ -110,10 +112,10 @@ class ExpertSpec:
     @classmethod
     def parse(cls, text: str) -> "ExpertSpec":
         if "=" not in text:
-            raise UserError(f"--experts entry {text!r}: expected NAME=TASKFILE[:split[start:stop]]")
+            raise UserError(f"experts entry {text!r}: expected NAME=TASKFILE[:split[start:stop]]")
         name, rest = text.split("=", 1)
         if not name or "/" in name or name.startswith("."):
-            raise UserError(f"--experts entry {text!r}: invalid expert name {name!r}")
+            raise UserError(f"experts entry {text!r}: invalid expert name {name!r}")
         split, start, stop = "test", 0, None
         m = re.fullmatch(r"(.*):(dev|test)(?:\[(\d*):(\d*)\])?", rest, flags=re.DOTALL)
         if m:
@@ -121,9 +123,9 @@ class ExpertSpec:
             start = int(m.group(3) or 0)
             stop = int(m.group(4)) if m.group(4) else None
             if stop is not None and stop <= start:
-                raise UserError(f"--experts entry {text!r}: empty slice [{start}:{stop}]")
+                raise UserError(f"experts entry {text!r}: empty slice [{start}:{stop}]")
         if not rest:
-            raise UserError(f"--experts entry {text!r}: no task given")
+            raise UserError(f"experts entry {text!r}: no task given")
         return cls(name=name, task=rest, split=split, start=start, stop=stop)
 
     @property
@@ -361,7 +363,7 @@ def train_expert(key: jax.Array, params: llama.Params, config: llama.LlamaConfig
         lora, opt_state, loss = train_step(lora, opt_state, params, _device_batch(b), config=config, cfg=cfg)
         loss = float(loss)  # syncs: the timing below is honest
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr")
+            raise FloatingPointError(f"loss became {loss} at step {step}; lower lr")
         if t_first is None:
             t_first = time.perf_counter()
         losses.append(loss)
@@ -400,8 +402,6 @@ def train_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], exa
     The caller builds the examples (scripts/train_experts.py: the task's loglik context + the gold option's text),
     so genome_jax knows nothing about tasks. Returns the log dict (recipe, per-expert loss curve, tokens, seconds,
     the training slice and the held-out slice of every expert)."""
-    from genome_jax.population import Population, PopulationMeta, export_adapter
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     names = [e.name for e in experts]
     if not experts:
@@ -457,8 +457,6 @@ def _curve(losses: Sequence[float], points: int = 6) -> str:
 def _bar(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
 
 

@@ -31,11 +31,11 @@ import jax.numpy as jnp
 
 from genome_jax.errors import UserError
 from genome_jax.operators import trim as trim_ops
+from genome_jax.operators.methods import merge_tensor, slerp_coefficients, slerp_t
+from genome_jax.operators.registry import LOWRANK_METHODS, SLERP_EPS
 
 __all__ = ["LOWRANK_METHODS", "crossover_delta", "delta_cuts", "lowrank_combine", "merge_one_delta",
            "truncated_svd_factors"]
-
-LOWRANK_METHODS = ("linear", "task_arithmetic", "slerp")
 
 
 def _modules(factors) -> list[str]:
@@ -103,8 +103,6 @@ def _gram_inner(A0, B0, A1, B1):
 
 
 def _lowrank_coeffs(A, B, weights, config):
-    from genome_jax.operators import merge as M
-
     w = weights.astype(jnp.float32)
     if config.method == "linear":
         s = jnp.sum(w)
@@ -118,22 +116,20 @@ def _lowrank_coeffs(A, B, weights, config):
     # slerp on dW: mergekit's rule (normalise copies whose norm exceeds eps), from Gram products
     n0 = jnp.sqrt(jnp.maximum(_gram_inner(A[0], B[0], A[0], B[0]), 0.0))
     n1 = jnp.sqrt(jnp.maximum(_gram_inner(A[1], B[1], A[1], B[1]), 0.0))
-    d0 = jnp.where(n0 > M._SLERP_EPS, n0, 1.0)
-    d1 = jnp.where(n1 > M._SLERP_EPS, n1, 1.0)
+    d0 = jnp.where(n0 > SLERP_EPS, n0, 1.0)
+    d1 = jnp.where(n1 > SLERP_EPS, n1, 1.0)
     dot_u = _gram_inner(A[0], B[0], A[1], B[1]) / (d0 * d1)
-    s0, s1 = M.slerp_coefficients(M.slerp_t(weights, config.t), dot_u, n0, n1)
+    s0, s1 = slerp_coefficients(slerp_t(weights, config.t), dot_u)
     return jnp.stack([s0, s1])
 
 
 def _module_child(key, A, B, weights, config, cuts):
     """One child, one module: A (K, r, d_in), B (K, d_out, r) -> (A' (r, d_in), B' (d_out, r))."""
-    from genome_jax.operators import merge as M
-
     rank = A.shape[1]
     if config.method in LOWRANK_METHODS:
         return lowrank_combine(A, B, _lowrank_coeffs(A, B, weights, config).astype(A.dtype), rank)
     k_merge, k_svd = jax.random.split(key)
-    merged = M.merge_tensor(k_merge, _dense(A, B), weights, config, cuts)
+    merged = merge_tensor(k_merge, _dense(A, B), weights, config, cuts)
     return truncated_svd_factors(k_svd, merged, rank, method=config.svd, oversample=config.oversample,
                                  power_iters=config.power_iters)
 

@@ -276,7 +276,7 @@ def test_population_must_split_evenly(runs):
     out = json.loads((runs / "errors.json").read_text())
     assert out["indivisible"] == ("population size 10 does not split over 8 devices; use a multiple of 8 "
                                   "(or fewer devices, e.g. 2)")
-    assert out["too_many"] == "--devices 9: this job has 8 device(s)"
+    assert out["too_many"] == "n_devices 9: this job has 8 device(s)"
     assert out["mesh4"] == 4
 
 

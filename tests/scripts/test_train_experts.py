@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from evaluators.tasks.base import get_task
+from evaluators.tasks import get_task
 from genome_jax.errors import UserError
 from genome_jax.models import trainer
 from scripts import train_experts

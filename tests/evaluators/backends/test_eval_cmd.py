@@ -51,3 +51,42 @@ def test_eval_refuses_bad_loglik_items_before_starting_an_engine(model_path, tmp
     assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
         "genome: error: task 'winogrande' is a fill-in-the-blank task scored only with 'loglik' (partial scoring), "
         "not 'choice_logprob'")
+
+
+@pytest.mark.slow
+def test_eval_backend_jax_refuses_vllm_options_and_generate_tasks(model_path, capsys):
+    """--backend jax: vLLM-only options and tasks that generate are one line, exit 1, before any model loads."""
+    from scripts import cli
+
+    base = ["eval", "--model_path", str(model_path), "--backend", "jax", "--n", "1"]
+    for extra, line in ((["--tasks", "arc_c", "--endpoints", "http://127.0.0.1:1"], "--endpoints needs --backend vllm"),
+                        (["--tasks", "arc_c", "--eval_mode", "swap"], "--eval_mode needs --backend vllm"),
+                        (["--tasks", "arc_c", "--dtype", "int8"],
+                         "--dtype int8 with --backend jax: float32 or bfloat16"),
+                        (["--tasks", "gsm8k"], "--backend jax scores choice_logprob and loglik tasks only; task "
+                                               "'gsm8k' uses 'generate'")):
+        assert cli.main([*base, *extra]) == 1
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.strip().splitlines()[-1] == f"genome: error: {line}"
+
+
+@pytest.mark.slow
+def test_eval_jax_and_vllm_backends_give_the_same_predictions(model_path, capsys):
+    """`genome eval --backend jax` and `--backend vllm` (float32 engine, so near-ties agree) on the base model, 24
+    PIQA dev items under loglik: the same per-item predictions and metrics, option probabilities within 1e-3."""
+    from scripts import cli
+
+    common = ["eval", "--model_path", str(model_path), "--tasks", "piqa", "--scoring", "loglik", "--n", "24",
+              "--details"]
+    out = {}
+    for backend in ("jax", "vllm"):
+        assert cli.main([*common, "--backend", backend, "--dtype", "float32"]) == 0
+        out[backend] = json.loads(capsys.readouterr().out)
+    assert (out["jax"]["backend"], out["jax"]["dtype"]) == ("jax", "float32")
+    assert out["vllm"]["backend"] == "managed" and out["vllm"]["dtype"] == "float32"
+    jax_r, vllm_r = out["jax"]["details"]["base"]["piqa"], out["vllm"]["details"]["base"]["piqa"]
+    assert len(jax_r["predictions"]) == 24 and len(set(jax_r["predictions"])) == 2  # both labels occur
+    assert jax_r["predictions"] == vllm_r["predictions"]
+    assert out["jax"]["metrics"] == out["vllm"]["metrics"]
+    for a, b in zip(jax_r["option_probs"], vllm_r["option_probs"]):
+        assert a == pytest.approx(b, abs=1e-3)

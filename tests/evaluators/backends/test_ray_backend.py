@@ -79,9 +79,9 @@ def test_orphan_scratch_folders_of_dead_actors_are_removed(tmp_path):
 
 
 def test_bad_options_are_user_errors():
-    with pytest.raises(UserError, match="ray_actors"):
+    with pytest.raises(UserError, match="num_actors must be >= 1"):
         rb.RayBackend("/nowhere", num_actors=0)
-    with pytest.raises(UserError, match="eval_mode"):
+    with pytest.raises(UserError, match="mode must be auto, swap or lora"):
         rb.RayBackend("/nowhere", mode="fast")
 
 

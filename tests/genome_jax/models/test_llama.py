@@ -164,7 +164,7 @@ def test_segment_ids_equal_separate_sequences(tiny):
 
 # ------------------------------------------------------------------------------------------- the real SmolLM2
 def _mmlu_batch(tokenizer, n=4):
-    from evaluators.tasks.base import get_task
+    from evaluators.tasks import get_task
 
     task = get_task("mmlu")
     reqs = task.build_requests(task.load("dev", n), "choice_logprob")

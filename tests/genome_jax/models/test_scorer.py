@@ -93,7 +93,7 @@ def test_population_chunks_and_single_adapters_agree(tiny):
 
 
 def _requests():
-    from evaluators.tasks.base import get_task
+    from evaluators.tasks import get_task
 
     mmlu = get_task("mmlu")
     arc = get_task("arc_c")
@@ -143,38 +143,87 @@ def test_population_scores_match_transformers_peft(model_path, smollm2_tokenizer
                                base, atol=1e-4, equal_nan=True)
 
 
-@pytest.mark.slow
-def test_jax_scorer_evaluate_returns_task_results(model_path, make_peft_adapter, tmp_path):
-    """JaxScorer.evaluate: per individual, the task's own TaskResult from the scorer's responses."""
-    from evaluators.tasks.base import get_task
+@pytest.fixture(scope="module")
+def tiny_scorer(tmp_path_factory, make_tiny_llama, model_path, smollm2_tokenizer):
+    """A JaxScorer on a tiny random Llama that uses SmolLM2's tokenizer (vocabulary sized to match): real tasks,
+    real tokenisation, a forward pass of milliseconds."""
+    import shutil
 
-    make_peft_adapter(tmp_path / "a", rank=4, alpha=8, seed=5, scale=4.0)
-    make_peft_adapter(tmp_path / "b", rank=4, alpha=8, seed=6, scale=4.0)
-    js = scorer.JaxScorer(model_path, batch_size=4)
-    tasks = [get_task("mmlu"), get_task("arc_c")]
-    from genome_jax.population import load_population
+    path = tmp_path_factory.mktemp("tiny_tok_llama")
+    make_tiny_llama(path, vocab_size=len(smollm2_tokenizer))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_path / name, path / name)
+    return scorer.JaxScorer(path, response_cls=ChoiceResponse, batch_size=4, bucket=128, pop_chunk=2)  # few shapes
 
-    pop = load_population(tmp_path)
-    results = js.evaluate(pop.factors, tasks, "dev", 3, ChoiceResponse)
-    assert len(results) == 2 and set(results[0]) == {"mmlu", "arc_c"}
-    lp = js.score_folders([tmp_path / "a", tmp_path / "b"], tasks[1].build_requests(tasks[1].load("dev", 3)))
-    for p in range(2):
-        r = results[p]["arc_c"]
-        assert r.n == 3 and r.mode == "choice_logprob"
-        labels = [list(o) for o in r.options]
-        assert list(r.predictions) == [labels[i][int(np.nanargmax(lp[p, i]))] for i in range(3)]
-    with pytest.raises(UserError, match="the JAX scorer scores choice requests only"):
-        js.evaluate(pop.factors, [get_task("gsm8k")], "dev", 2, ChoiceResponse)
+
+def _tiny_population(js, n_pop: int, seed: int = 0):
+    from genome_jax.models import llama
+    from genome_jax.population import Population, PopulationMeta
+
+    key, factors = jax.random.key(seed), {}
+    for layer in range(js.config.num_layers):
+        for name in ("q_proj", "v_proj"):
+            key, ka, kb = jax.random.split(key, 3)
+            d_out, d_in = js.config.module_shape(name)
+            factors[llama.module_path(layer, name)] = {"A": 0.5 * jax.random.normal(ka, (n_pop, 4, d_in)),
+                                                       "B": 0.5 * jax.random.normal(kb, (n_pop, d_out, 4))}
+    meta = PopulationMeta(base_model=js.model_path, target_modules=("q_proj", "v_proj"), rank=4,
+                          names=tuple(f"ind{i}" for i in range(n_pop)))
+    return Population(factors=jax.tree.map(np.asarray, factors), meta=meta)
+
+
+def test_jax_backend_behind_the_evaluator(tiny_scorer, tmp_path):
+    """The JAX scorer as an evaluator backend: in-memory children, an exported PEFT folder of the same child and the
+    base model give the answers of the scorer's own population pass; equal children are scored once; a second call
+    is served from the result cache; generate tasks and other routes are refused."""
+    from evaluators.backends.base import Evaluator
+    from evaluators.tasks import LOGLIK, get_task
+    from genome_jax.population import export_adapter
+
+    js = tiny_scorer
+    pop = _tiny_population(js, 4)
+    handles = [scorer.InMemoryAdapter(key=f"k{i}", factors=jax.tree.map(lambda x: x[i:i + 1], pop.factors))
+               for i in range(3)]
+    twin = scorer.InMemoryAdapter(key="k1", factors=handles[1].factors)  # an elite listed twice
+    folder = str(export_adapter(pop, 3, tmp_path / "ind3"))
+    task = get_task("arc_e", mode=LOGLIK)
+    ev = Evaluator(js, model=js.model_path, max_lora_rank=None)
+    assert ev.numerics() == "jax:float32" and js.start() == {"mode": "jax", "dtype": "float32"}
+    got = ev.evaluate([None, *handles, twin, folder], [task], "dev", 3)
+    assert ev.backend_calls == 1 and ev.last_timing["jobs"] == 5  # base, 3 children, the folder (twin: same key)
+    assert ev.last_timing["groups"] == 2  # the base model, and every child in one stacked pass
+    items = task.load("dev", 3)
+    reqs = task.build_requests(items)
+    want = js.score(pop.factors, reqs)  # the scorer's own population pass (same shapes: no new compile)
+    for lp, res in zip([js.score(None, reqs)[0], *want[:3], want[1], want[3]], got):
+        ref = task.score(items, scorer.to_responses(lp[None], reqs, ChoiceResponse)[0])
+        r = res.tasks[task.name]
+        assert r.predictions == ref.predictions
+        np.testing.assert_allclose(np.asarray(r.option_probs, float), np.asarray(ref.option_probs, float), atol=1e-5)
+    assert got[1].tasks != got[2].tasks and got[0].tasks != got[1].tasks  # so the comparison above can fail
+    tasks = [task]
+    again = ev.evaluate([handles[0], folder], tasks, "dev", 3)
+    assert ev.backend_calls == 1 and all(r.cached for r in again)
+    with pytest.raises(UserError, match="choice requests only"):
+        ev.evaluate([None], [get_task("gsm8k", formatter=lambda m: m)], "dev", 1)
+    with pytest.raises(UserError, match="one route"):
+        ev.evaluate([handles[0]], tasks, "test", 1, mode="swap")
+    from evaluators.errors import UserError as EvalUserError
+
+    with pytest.raises(EvalUserError, match="neither a PEFT folder"):
+        ev.evaluate([object()], tasks, "dev", 1)
 
 
 @pytest.mark.slow
 def test_loglik_requests_match_transformers_peft(model_path, smollm2_tokenizer, smollm2_fp32, make_peft_adapter,
                                                  tmp_path):
-    """`loglik` requests (option texts, WinoGrande's one-option requests, a long BoolQ context) through
-    JaxScorer.evaluate: log-probs equal the transformers (+ peft) fp32 reference, and the TaskResults (acc,
-    acc_norm, predictions) equal those the task computes from the reference's answers."""
+    """`loglik` requests (option texts, WinoGrande's one-option requests, a long BoolQ context) through the evaluator
+    with the JAX backend, the adapter given as a PEFT folder: log-probs equal the transformers (+ peft) fp32
+    reference, and the TaskResults (acc, acc_norm, predictions) equal those the task computes from the reference's
+    answers."""
     from peft import PeftModel
 
+    from evaluators.backends.base import Evaluator
     from evaluators.reference import answer_with_transformers
     from evaluators.tasks import LOGLIK, get_task
     from genome_jax.population import load_population
@@ -182,8 +231,9 @@ def test_loglik_requests_match_transformers_peft(model_path, smollm2_tokenizer, 
     make_peft_adapter(tmp_path / "a", rank=4, alpha=8, seed=7, scale=4.0)
     pop = load_population(tmp_path)
     tasks = [get_task(name, mode=LOGLIK, formatter=str(model_path)) for name in ("arc_e", "winogrande", "boolq")]
-    js = scorer.JaxScorer(model_path, batch_size=4)
-    results = js.evaluate(pop.factors, tasks, "dev", 2, ChoiceResponse)
+    js = scorer.JaxScorer(model_path, response_cls=ChoiceResponse, batch_size=4)
+    results = [r.tasks for r in Evaluator(js, model=str(model_path), max_lora_rank=None).evaluate(
+        [str(tmp_path / "a")], tasks, "dev", 2)]
     pm = PeftModel.from_pretrained(smollm2_fp32, tmp_path / "a").eval()
     try:
         for task in tasks:

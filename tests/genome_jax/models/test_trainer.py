@@ -173,7 +173,7 @@ def test_exported_expert_loads_in_peft_with_the_same_logits(tmp_path, make_tiny_
 # ------------------------------------------------------------------------------------------- real tasks (slow)
 @pytest.mark.slow
 def test_task_examples_use_the_scorers_prompts(model_path, smollm2_tokenizer):
-    from evaluators.tasks.base import get_task
+    from evaluators.tasks import get_task
     from genome_jax.models.scorer import encode_requests
 
     tok = smollm2_tokenizer
@@ -201,7 +201,7 @@ def test_cli_trains_experts_that_peft_loads(model_path, tmp_path, cli, smollm2_f
     and the adapter applied by peft changes the logits exactly as our forward does."""
     from peft import PeftModel
 
-    from evaluators.tasks.base import get_task
+    from evaluators.tasks import get_task
     from genome_jax.population import load_population
 
     items = get_task("arc_c").load_data("test")[:12]
