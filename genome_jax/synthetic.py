@@ -129,8 +129,8 @@ def run_synthetic(out_dir, strategy, params, *, seed: int, generations: int, exp
     """Run (or resume) `strategy` with `params` on the synthetic test problem for `generations` generations,
     checkpointing each one (`genome_jax.evolve.evolve`).
 
-    out_dir/checkpoints holds the orbax steps and run_config.json; re-running with the same arguments continues
-    from the last complete generation and ends bit-identical to an uninterrupted run. `generations` and `patience`
+    out_dir/checkpoints holds the orbax steps and run_config.json; re-running with the same arguments resumes
+    at the last complete generation and ends bit-identical to an uninterrupted run. `generations` and `patience`
     may change between runs (they are not part of the run identity). on_generation(generation, state, metrics) is
     called after each checkpoint is issued (tests use it to inject faults). mesh: a
     `genome_jax.sharding.population_mesh`; the state is then sharded over it, and a resume restores the checkpoint
