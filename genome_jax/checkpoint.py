@@ -36,8 +36,12 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "run_config.json"
 _ITEMS = ("state", "meta")
+# The layout of the strategy states this version writes (recorded in run_config.json as "state_format"; a folder
+# without it holds format 1: states with their key and fitness history inside). Bump it when a state's fields change.
+STATE_FORMAT = 2
+FORMAT_KEY = "state_format"
 
-__all__ = ["CONFIG_NAME", "Restored", "RunCheckpointer", "restore_latest", "state_checksums", "config_differences"]
+__all__ = ["CONFIG_NAME", "STATE_FORMAT", "Restored", "RunCheckpointer", "restore_latest", "state_checksums", "config_differences"]
 
 
 @dataclasses.dataclass
@@ -256,14 +260,15 @@ class RunCheckpointer:
 
     config: a JSON-able mapping that identifies the run (what must match for a resume to be valid). If the
     directory already holds checkpoints written under a different config, opening raises UserError naming the
-    differing keys; if it holds checkpoints and no config, it is refused as well.
+    differing keys; if it holds checkpoints and no config, it is refused as well, and so are checkpoints of another
+    STATE_FORMAT (one line naming it).
     """
 
     def __init__(self, directory, config: Mapping[str, Any], *, keep: int = 3, async_save: bool = True):
         if keep < 2:
             raise UserError("checkpoints: keep at least 2 steps (the previous one is the fallback for a damaged latest)")
         self.directory = Path(directory).absolute()
-        self.config = _normalise(config)
+        self.config = {**_normalise(config), FORMAT_KEY: STATE_FORMAT}
         self.directory.mkdir(parents=True, exist_ok=True)
         for leftover in self.directory.glob(f".{CONFIG_NAME}.tmp*"):
             leftover.unlink(missing_ok=True)
@@ -286,6 +291,10 @@ class RunCheckpointer:
                 saved = json.loads(path.read_text())
             except (OSError, ValueError) as e:
                 raise UserError(f"{path}: unreadable run config ({e})") from None
+            found = saved.get(FORMAT_KEY, 1) if isinstance(saved, dict) else 1
+            if has_steps and found != STATE_FORMAT:
+                raise UserError(f"{self.directory} holds checkpoints in state format {found}; this version reads "
+                                f"format {STATE_FORMAT} only: start the run again in another output directory")
             diffs = config_differences(saved, self.config)
             if diffs and has_steps:
                 raise UserError(

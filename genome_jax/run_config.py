@@ -22,8 +22,9 @@ from genome_jax import faults
 from genome_jax.errors import ParamError, UserError
 from genome_jax.model_store import sha256_file
 from genome_jax.operators.merge import MergeConfig
+from genome_jax.operators.selection import n_elites
 from genome_jax.settings import BY_NAME, KEYS, RESUME_MAY_CHANGE, SETTINGS, SYNTHETIC, Setting, check_value
-from genome_jax.strategies import StrategyParams
+from genome_jax.strategies import Params, Strategy, make_strategy
 
 
 class _RunConfigMethods:
@@ -241,7 +242,7 @@ def validate(cfg: RunConfig) -> None:
                              a=cfg.max_population_size, b=cfg.population_size)
     if cfg.n_offspring is not None and cfg.method != "genome_plus":
         raise ParamError("{n_offspring} only applies to {method} genome_plus")
-    if math.ceil(cfg.elite_percent * cfg.population_size - 1e-9) >= cfg.population_size:  # StrategyParams.n_elite
+    if n_elites(cfg.population_size, cfg.elite_percent) >= cfg.population_size:  # the strategies' elite count
         raise ParamError("{elite_percent} {e} keeps every one of the {n} individuals ({population_size}) as an "
                          "elite; nothing would be bred", e=cfg.elite_percent, n=cfg.population_size)
     if cfg.endpoints and cfg.backend != "vllm":
@@ -375,7 +376,7 @@ def describe_mismatch(saved: RunConfig, wanted: RunConfig) -> str:
 
 def strategy_settings(cfg: RunConfig) -> dict[str, Any]:
     """{strategy parameter name: value} of the settings the table sends to the strategy (`to="strategy"`): the
-    current StrategyParams field names except max_generations and patience (the loop's). A merge's sub-settings
+    keywords of `make_strategy` (max_iter and early_stop_iter are the loop's). A merge's sub-settings
     ("cross.density") make that merge a MergeConfig; at MergeConfig's defaults the method name stays (the
     strategy reads a name as the same MergeConfig)."""
     out: dict[str, Any] = {}
@@ -396,7 +397,7 @@ def strategy_settings(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
-def strategy_params(cfg: RunConfig) -> StrategyParams:
-    """The StrategyParams of the configured method (validated there too). With the strategy classes this becomes
-    `make_strategy(cfg.method, **strategy_settings(cfg))`; max_iter and early_stop_iter go to the loop."""
-    return StrategyParams(**strategy_settings(cfg), patience=cfg.early_stop_iter, max_generations=cfg.max_iter)
+def strategy_params(cfg: RunConfig) -> tuple[Strategy, Params]:
+    """(strategy, params) of the configured method: `make_strategy(cfg.method, **strategy_settings(cfg))` (validated
+    there too); max_iter and early_stop_iter go to the loop (genome_jax.evolve)."""
+    return make_strategy(cfg.method, **strategy_settings(cfg))

@@ -1,21 +1,22 @@
 """Shard the population axis over every device of the job (all local devices; all hosts after jax.distributed).
 
-Sharding never changes what is computed, only where: a per-individual array (ndim >= 2, leading axis a population
-axis: size P for parents, or the number of children) is split over a 1-D mesh axis named "pop"; every other leaf
-(fitness and other P-vectors, keys, scalars, the history) is replicated. Operators stay sharding-agnostic: they run under `jax.jit` with these
-in/out shardings and XLA inserts the collectives, e.g. the all-gather that brings a parent living on another device
-to the child that needs it.
+Sharding never changes what is computed, only where. A strategy state declares which of its fields carry the
+population axis (`POPULATION_FIELDS`: the individuals' factors, velocities, personal bests); their leaves are split
+over a 1-D mesh axis named "pop", as are the children of `ask` and the initial population given to `init`. Every
+other leaf (fitness and other P-vectors, scalars, the best individual, params, metrics) is replicated. Operators
+stay sharding-agnostic: they run under `jax.jit` with these in/out shardings and XLA inserts the collectives, e.g.
+the all-gather that brings a parent living on another device to the child that needs it.
 
-    mesh = population_mesh()                               # all devices, 1-D axis "pop"
-    state = shard_tree(state, mesh, pop_sizes=(P,))        # host or device pytree -> sharded pytree
-    ask = shard_jit(strategy.ask, mesh, pop_sizes=(P,))    # jitted, population axis sharded in and out
-    target = abstract_tree(state, population_mesh(devices[:2]), (P,))   # orbax restore onto another mesh
+    mesh = population_mesh()                                 # all devices, 1-D axis "pop"
+    strategy = ShardedStrategy(strategy, mesh)               # init / ask / tell with the population split
+    target = strategy.state_template(population, params)     # an orbax restore target carrying the shardings
 
 Multi-host: call `initialize_distributed()` first in every process (same program, SPMD); the mesh then spans every
 host's devices, and `to_host` gathers a sharded result on each process.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -23,7 +24,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from genome_jax.errors import UserError
@@ -76,14 +79,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _sizes(pop_sizes: int | Iterable[int]) -> frozenset[int]:
-    return frozenset([pop_sizes] if isinstance(pop_sizes, int) else pop_sizes)
-
-
-def check_divisible(pop_sizes: int | Iterable[int], mesh: Mesh) -> None:
+def check_divisible(pop_sizes: Iterable[int], mesh: Mesh) -> None:
     """Raise UserError unless every population size splits evenly over the mesh (XLA needs equal shards)."""
     n = mesh.devices.size
-    bad = sorted(p for p in _sizes(pop_sizes) if p % n)
+    bad = sorted(p for p in set(pop_sizes) if p % n)
     if bad:
         raise UserError(
             f"population size {bad[0]} does not split over {n} devices; use a multiple of {n} "
@@ -91,31 +90,36 @@ def check_divisible(pop_sizes: int | Iterable[int], mesh: Mesh) -> None:
         )
 
 
-def leaf_sharding(leaf: Any, mesh: Mesh, pop_sizes: int | Iterable[int]) -> NamedSharding:
-    """Population sharding for a per-individual array (a leaf with ndim >= 2 whose leading axis is a population
-    axis: the LoRA factors, velocities, personal bests), else replicated. Per-individual scalars (fitness, masks,
-    sources: P numbers) stay whole on every device: splitting them saves nothing, and a sum over a split axis
-    would add in another order than on one device (the run would no longer be bit-identical)."""
-    shape = getattr(leaf, "shape", ())
-    if len(shape) >= 2 and shape[0] in _sizes(pop_sizes) and shape[0] % mesh.devices.size == 0:
-        return population_sharding(mesh)
-    return replicated(mesh)
+def same_sharding(tree: Any, sharding: NamedSharding) -> Any:
+    """`sharding` for every leaf of `tree`."""
+    return jax.tree.map(lambda _: sharding, tree)
 
 
-def tree_shardings(tree: Any, mesh: Mesh, pop_sizes: int | Iterable[int]) -> Any:
-    """A pytree of NamedShardings matching `tree` (arrays or ShapeDtypeStructs)."""
-    sizes = _sizes(pop_sizes)
-    return jax.tree.map(lambda x: leaf_sharding(x, mesh, sizes), tree)
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """NamedShardings matching a strategy state (arrays or ShapeDtypeStructs): the fields the state's class lists
+    in POPULATION_FIELDS split over "pop", every other field replicated. Per-individual scalars (fitness, masks,
+    sources: P numbers) stay whole on every device: splitting them saves nothing, and a sum over a split axis would
+    add in another order than on one device (the run would no longer be bit-identical)."""
+    split = set(type(state).POPULATION_FIELDS)
+    return state.replace(**{
+        f.name: same_sharding(getattr(state, f.name), population_sharding(mesh) if f.name in split
+                              else replicated(mesh))
+        for f in dataclasses.fields(state)})
 
 
-def shard_tree(tree: Any, mesh: Mesh, pop_sizes: int | Iterable[int]) -> Any:
-    """Place a pytree (numpy or jax arrays) on `mesh`: population leaves split over "pop", others replicated.
+def place(tree: Any, shardings: Any) -> Any:
+    """Put a pytree (numpy or jax arrays) on the matching tree of shardings.
 
     Works in multi-process jobs too, provided every process holds the same global value (as after a seeded init):
     each process builds only its own shards from it. Device arrays are resharded on device.
     """
-    check_divisible(pop_sizes, mesh)
-    return jax.tree.map(_place, tree, tree_shardings(tree, mesh, pop_sizes))
+    return jax.tree.map(_place, tree, shardings)
+
+
+def abstract_tree(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying `shardings`: the `target` an orbax restore needs to land a checkpoint (saved on
+    any device count) directly in this layout."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def _place(x: Any, s: NamedSharding) -> jax.Array:
@@ -147,19 +151,10 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: _reshard(x, replicated(mesh)), tree)
 
 
-def abstract_tree(tree: Any, mesh: Mesh, pop_sizes: int | Iterable[int]) -> Any:
-    """ShapeDtypeStructs carrying the target shardings on `mesh`: the `target` an orbax restore needs to land a
-    checkpoint (saved on any device count) directly in this layout."""
-    shardings = tree_shardings(tree, mesh, pop_sizes)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def to_host(tree: Any) -> Any:
     """Whole numpy values on this process: a plain device_get on one host, an all-gather across processes."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
     return jax.tree.map(
         lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
         if isinstance(x, jax.Array) and not x.is_fully_addressable
@@ -168,97 +163,75 @@ def to_host(tree: Any) -> Any:
     )
 
 
+class ShardedStrategy:
+    """A strategy (`genome_jax.strategies.Strategy`) whose init / ask / tell run under jit with the population axis
+    sharded over `mesh`: a drop-in for the strategy in `genome_jax.evolve.evolve` or any ask/tell loop.
+
+        strategy = ShardedStrategy(Genome(population_size=8), population_mesh())
+        state = strategy.init(key, population, fitness, params)            # sharded state
+        children, state = strategy.ask(k_ask, state, params)
+        state, metrics = strategy.tell(k_tell, state, children, fitness, params)
+
+    Results are the same as the unsharded strategy's (the PRNG is partitionable; XLA only moves data): every
+    population size of the strategy must split evenly over the mesh (UserError otherwise).
+    """
+
+    def __init__(self, strategy: Any, mesh: Mesh):
+        check_divisible(strategy.population_sizes, mesh)
+        self.strategy, self.mesh = strategy, mesh
+        self._pop, self._rep = population_sharding(mesh), replicated(mesh)
+        self._jitted: dict[tuple, Callable] = {}
+
+    def _run(self, name: str, fn: Callable, in_sh: Callable, out_sh: Callable, *args):
+        """fn(*args) under jit with in/out shardings derived from the arguments' and results' structure (one jit
+        per distinct argument structure, as with jit); inputs are committed to their shardings first."""
+        sig = (name, _signature(args))
+        if sig not in self._jitted:
+            ins = in_sh(*args)
+            self._jitted[sig] = (jax.jit(fn, in_shardings=ins, out_shardings=out_sh(jax.eval_shape(fn, *args))), ins)
+        jitted, ins = self._jitted[sig]
+        return jitted(*place(args, ins))
+
+    def _rep_tree(self, tree):
+        return same_sharding(tree, self._rep)
+
+    def _pop_tree(self, tree):
+        return same_sharding(tree, self._pop)
+
+    def init(self, key, population, fitness, params):
+        return self._run("init", self.strategy.init,
+                         lambda k, p, f, q: (self._rep_tree(k), self._pop_tree(p), self._rep_tree(f), self._rep_tree(q)),
+                         self.shardings, key, population, jnp.asarray(fitness, jnp.float32), params)
+
+    def ask(self, key, state, params):
+        return self._run("ask", self.strategy.ask,
+                         lambda k, s, q: (self._rep_tree(k), self.shardings(s), self._rep_tree(q)),
+                         lambda out: (self._pop_tree(out[0]), self.shardings(out[1])), key, state, params)
+
+    def tell(self, key, state, children, fitness, params):
+        return self._run("tell", self.strategy.tell,
+                         lambda k, s, c, f, q: (self._rep_tree(k), self.shardings(s), self._pop_tree(c),
+                                                self._rep_tree(f), self._rep_tree(q)),
+                         lambda out: (self.shardings(out[0]), self._rep_tree(out[1])),
+                         key, state, children, jnp.asarray(fitness, jnp.float32), params)
+
+    def shardings(self, state: Any) -> Any:
+        """This layout's shardings for a state (see `state_shardings`)."""
+        return state_shardings(state, self.mesh)
+
+    def shard(self, state: Any) -> Any:
+        """Place a state (e.g. one restored on the host) in this layout."""
+        return place(state, self.shardings(state))
+
+    def state_template(self, population, params):
+        """The strategy's state template with this layout's shardings (an orbax restore target)."""
+        template = self.strategy.state_template(population, params)
+        return abstract_tree(template, self.shardings(template))
+
+    def __getattr__(self, name: str) -> Any:  # needs_score, metrics, num_children, population_sizes, ...
+        return getattr(self.strategy, name)
+
+
 def _signature(args: tuple) -> tuple:
     leaves, treedef = jax.tree.flatten(args)
     return treedef, tuple((getattr(x, "shape", ()), str(getattr(x, "dtype", type(x)))) for x in leaves)
-
-
-def shard_jit(
-    fn: Callable,
-    mesh: Mesh,
-    pop_sizes: int | Iterable[int],
-    *,
-    donate_argnums: Sequence[int] = (),
-) -> Callable:
-    """`jax.jit(fn)` with population-axis in/out shardings on `mesh`, derived from the arguments' and results'
-    shapes (via `jax.eval_shape`). All positional arguments must be pytrees of arrays; bind static configuration
-    with functools.partial first. One compilation per distinct argument structure, as with jit.
-    """
-    sizes = _sizes(pop_sizes)
-    check_divisible(sizes, mesh)
-    compiled: dict[tuple, Callable] = {}
-
-    @functools.wraps(fn)
-    def wrapped(*args):
-        sig = _signature(args)
-        jitted = compiled.get(sig)
-        if jitted is None:
-            in_sh = tree_shardings(args, mesh, sizes)
-            out_sh = tree_shardings(jax.eval_shape(fn, *args), mesh, sizes)
-            jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=tuple(donate_argnums))
-            compiled[sig] = (jitted, in_sh)
-        else:
-            jitted, in_sh = jitted
-        args = jax.tree.map(_place, args, in_sh)  # commit every input to its sharding (no-op when it has it)
-        return jitted(*args)
-
-    wrapped.mesh = mesh  # type: ignore[attr-defined]
-    return wrapped
-
-
-def population_sizes(strategy: Any, params: Any) -> frozenset[int]:
-    """The leading-axis sizes that count as population axes for a strategy: the population (or, for GENOME+, its
-    slots), the initial population and the children of one generation."""
-    sizes = {params.population_size, strategy.num_children(params)}
-    if hasattr(strategy, "GenomePlusState"):
-        sizes.add(params.capacity)
-    return frozenset(sizes)
-
-
-class ShardedStrategy:
-    """A strategy module (`genome_jax.strategies.get_strategy(...)`) whose init/ask/tell run under jit with the
-    population axis sharded over `mesh`. A drop-in for the module in a driver loop:
-
-        strategy = ShardedStrategy(get_strategy("genome"), population_mesh(), params)
-        state = strategy.init(key, population, fitness, params)          # sharded state
-        children, state = strategy.ask(strategy.generation_key(state), state, params)
-        state = strategy.tell(state, children, fitness, params)
-
-    Results are the same as the unsharded module's (the PRNG is partitionable; XLA only moves data): every
-    population size must split evenly over the mesh (UserError otherwise).
-    """
-
-    def __init__(self, strategy: Any, mesh: Mesh, params: Any):
-        self.strategy, self.mesh, self.params = strategy, mesh, params
-        self.pop_sizes = population_sizes(strategy, params)
-        check_divisible(self.pop_sizes, mesh)
-        self._init = shard_jit(functools.partial(strategy.init, params=params), mesh, self.pop_sizes)
-        self._ask = shard_jit(functools.partial(strategy.ask, params=params), mesh, self.pop_sizes)
-        self._tell = shard_jit(functools.partial(strategy.tell, params=params), mesh, self.pop_sizes)
-
-    def _same(self, params: Any) -> None:
-        if params is not self.params and params != self.params:
-            raise ValueError("ShardedStrategy was built for other StrategyParams")
-
-    def init(self, key, population, fitness, params):
-        self._same(params)
-        return self._init(key, population, fitness)
-
-    def ask(self, key, state, params):
-        self._same(params)
-        return self._ask(key, state)
-
-    def tell(self, state, children, fitness, params):
-        self._same(params)
-        return self._tell(state, children, fitness)
-
-    def shard(self, tree: Any) -> Any:
-        """Place any pytree (a restored state, a population) in this strategy's layout."""
-        return shard_tree(tree, self.mesh, self.pop_sizes)
-
-    def abstract(self, tree: Any) -> Any:
-        """ShapeDtypeStructs with this layout's shardings (an orbax restore target)."""
-        return abstract_tree(tree, self.mesh, self.pop_sizes)
-
-    def __getattr__(self, name: str) -> Any:  # done, generation_key, num_children, the state class, ...
-        return getattr(self.strategy, name)

@@ -10,8 +10,8 @@ factors only: with S = [B_i, -c_1 B_1, ..., -c_K B_K] (d_out, (K+1) r) and T = [
 ((K+1) r, d_in), ||S T||_F^2 = sum((S^T S) * (T T^T)) (the trace of a product of two small Gram matrices), so no
 dense ΔW is formed. Deterministic: same inputs, same bits.
 
-`run_synthetic` is a small, resumable driver (ask -> score -> tell -> checkpoint each generation) used by the tests
-and the benchmarks; `synthetic_experts` makes small random expert factors.
+`run_synthetic` runs a strategy on it through the library's one generation loop (`genome_jax.evolve`), with
+checkpoints, for the tests and the benchmarks; `synthetic_experts` makes small random expert factors.
 """
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from genome_jax.checkpoint import RunCheckpointer
 from genome_jax.errors import UserError
+from genome_jax.evolve import evolve, initial_keys
+from genome_jax.sharding import ShardedStrategy, replicate
 
 log = logging.getLogger(__name__)
 
@@ -117,28 +120,25 @@ class SyntheticRun:
     generations: int  # completed generations
     resumed_from: int | None  # checkpoint step the run continued from (None: fresh start)
     evaluations: int  # individuals scored by this process
+    history: list[dict]  # metrics of each generation this process made (genome_jax.evolve), oldest first
 
 
-def run_synthetic(out_dir, params, *, seed: int, generations: int, experts=None, method: str = "genome",
-                  coeffs=None, keep: int = 3, async_save: bool = True,
-                  on_generation: Callable[[int, Any], None] | None = None, mesh=None) -> SyntheticRun:
-    """Run (or resume) `method` on the synthetic test problem for `generations` generations, checkpointing each one.
+def run_synthetic(out_dir, strategy, params, *, seed: int, generations: int, experts=None, coeffs=None,
+                  patience: int = 0, keep: int = 3, async_save: bool = True,
+                  on_generation: Callable[[int, Any, dict], None] | None = None, mesh=None) -> SyntheticRun:
+    """Run (or resume) `strategy` with `params` on the synthetic test problem for `generations` generations,
+    checkpointing each one (`genome_jax.evolve.evolve`).
 
-    out_dir/checkpoints holds the orbax steps and run_config.json; re-running with the same arguments continues
-    from the last complete generation and ends bit-identical to an uninterrupted run. `generations` may grow
-    between runs (it is not part of the run identity). on_generation(generation, state) is called after each
-    checkpoint is issued (tests use it to inject faults). mesh: a `genome_jax.sharding.population_mesh`; the state
-    is then sharded over it, and a resume restores the checkpoint straight into that layout (any device count).
+    out_dir/checkpoints holds the orbax steps and run_config.json; re-running with the same arguments resumes
+    at the last complete generation and ends bit-identical to an uninterrupted run. `generations` and `patience`
+    may change between runs (they are not part of the run identity). on_generation(generation, state, metrics) is
+    called after each checkpoint is issued (tests use it to inject faults). mesh: a
+    `genome_jax.sharding.population_mesh`; the state is then sharded over it, and a resume restores the checkpoint
+    straight into that layout (any device count).
     """
-    from genome_jax.checkpoint import RunCheckpointer
-    from genome_jax.strategies import get_strategy, initial_population, needs_score
-
-    strategy = get_strategy(method)
     whole = lambda tree: tree  # noqa: E731
     if mesh is not None:  # population axis sharded over mesh (genome_jax.sharding); same results, any device count
-        from genome_jax.sharding import ShardedStrategy, replicate
-
-        strategy = ShardedStrategy(strategy, mesh, params)
+        strategy = ShardedStrategy(strategy, mesh)
         # the fitness sees whole individuals, as an evaluator does (a batched dot over a split axis would sum in
         # another order: last-bit differences that are the scorer's, not the search's)
         whole = lambda tree: replicate(tree, mesh)  # noqa: E731
@@ -146,45 +146,27 @@ def run_synthetic(out_dir, params, *, seed: int, generations: int, experts=None,
     problem = make_problem(experts, coeffs, seed=seed + 1)
     config = {
         "problem": "synthetic",
-        "method": method,
         "seed": int(seed),
         "experts": experts_digest(experts),
         "coeffs": [float(x) for x in np.asarray(problem.coeffs)],
-        "params": params.to_dict(),
+        **strategy.record(params),
     }
-    key = jax.random.PRNGKey(seed)
-    k_init, k_run = jax.random.split(key)
-    n0 = params.population_size
-    evaluations = 0
+    k_pop, k_run = initial_keys(jax.random.PRNGKey(seed))
+    history: list[dict] = []
 
-    def template():
-        # The state's shape, for restoring: a zero population of the right shapes through init (cheap, traced once).
-        zeros = jax.tree_util.tree_map(lambda a: jnp.zeros((n0,) + a.shape[1:], a.dtype), experts)
-        return strategy.init(k_run, zeros, jnp.zeros((n0,), jnp.float32), params)
+    def report(generation: int, state, metrics: dict) -> None:
+        history.append({"generation": generation, **metrics})
+        if on_generation is not None:
+            on_generation(generation, state, metrics)
+
+    def resumed(generation: int, state) -> None:
+        log.info("resuming %s from generation %d", out_dir, generation)
 
     with RunCheckpointer(Path(out_dir) / "checkpoints", config, keep=keep, async_save=async_save) as ckpt:
-        restored = ckpt.restore_latest(template())
-        if restored is None:
-            pop = initial_population(k_init, experts, n0, params=params)
-            fitness = score(problem, pop)
-            evaluations += n0
-            state = strategy.init(k_run, pop, fitness, params)
-            ckpt.save(0, state)
-            if on_generation is not None:
-                on_generation(0, state)
-            resumed = None
-        else:
-            state, resumed = restored.state, restored.step
-            log.info("resuming %s from generation %d", out_dir, resumed)
-        while int(state.generation) < generations and not strategy.done(state, params):
-            children, state = strategy.ask(strategy.generation_key(state), state, params)
-            need = needs_score(state)
-            fitness = jnp.where(need, score(problem, whole(children)), jnp.nan)
-            evaluations += int(jnp.sum(need))
-            state = strategy.tell(state, children, fitness, params)
-            ckpt.save(int(state.generation), state)
-            if on_generation is not None:
-                on_generation(int(state.generation), state)
+        run = evolve(k_run, strategy, params, lambda: strategy.initial_population(k_pop, experts),
+                     lambda children, need: score(problem, whole(children)), max_iter=generations,
+                     patience=patience, checkpointer=ckpt, on_generation=report, on_resume=resumed)
+    state = run.state
     best = jax.tree_util.tree_map(np.asarray, state.best)
-    return SyntheticRun(state=state, best=best, best_fitness=float(state.best_fitness),
-                        generations=int(state.generation), resumed_from=resumed, evaluations=evaluations)
+    return SyntheticRun(state=state, best=best, best_fitness=float(state.best_fitness), generations=run.generation,
+                        resumed_from=run.resumed_from, evaluations=run.evaluations, history=history)

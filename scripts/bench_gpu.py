@@ -33,7 +33,6 @@ from genome_jax.errors import UserError
 from genome_jax.models import llama, scorer
 from genome_jax.operators import merge
 from genome_jax.run_config import RunConfig, strategy_params
-from genome_jax.strategies import get_strategy
 from scripts.bench_operators import minimum_bytes
 
 # Llama-3-8B (operators) and Llama-3.2-1B (scorer) shapes; "tiny" stands in for both on CPU
@@ -155,13 +154,12 @@ def measure_operators(size: str, P: int, repeats: int, bw: float, on_gpu: bool) 
     Pg = P
     while True:
         try:
-            params = strategy_params(RunConfig(tasks=("mmlu",), population_size=Pg, cross_method="ties"))
-            strat = get_strategy("genome")
+            strat, params = strategy_params(RunConfig(tasks=("mmlu",), population_size=Pg, cross_method="ties"))
             key = jax.random.key(Pg + 1)
             pop = random_factors(key, config, Pg, s["rank"], jnp.float32)
             state = strat.init(jax.random.fold_in(key, 1), pop, jax.random.uniform(key, (Pg,)), params)
             del pop
-            gk = strat.generation_key(state)
+            gk = jax.random.key_data(jax.random.key(Pg + 2))
             ask = lambda: jax.block_until_ready(strat.ask(gk, state, params))
             first, t = _median(ask, repeats)
             S = out["bytes_per_individual"]

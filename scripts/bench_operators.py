@@ -1,6 +1,6 @@
 """`genome bench operators`: one generation exactly as `genome run` executes it, on SmolLM2-135M-shaped LoRAs.
 
-Timed: the strategy's jitted `ask` (`genome_jax.strategies.<strategy>.ask` with the StrategyParams `genome run`
+Timed: the strategy's jitted `ask` (`genome_jax.strategies.<Strategy>.ask` with the strategy and params `genome run`
 builds from its defaults: roulette selection, TIES crossover at density 0.2 with K = 2 parents, the shipped
 `operators.mutation.gaussian_mutation`, elites), and its `tell`; also the crossover alone
 (`operators.merge.crossover`) as a component. Medians of `--repeats` calls after a warm-up call.
@@ -42,7 +42,6 @@ from genome_jax.errors import UserError
 from genome_jax.operators import merge
 from genome_jax.population import Population, PopulationMeta, export_adapter
 from genome_jax.run_config import RunConfig, strategy_params
-from genome_jax.strategies import get_strategy
 
 SHAPES = {  # module -> (A (r, d_in), B (d_out, r)) at r = 16
     "self_attn.q_proj": ((16, 576), (576, 16)),
@@ -164,8 +163,8 @@ def minimum_bytes(n_parents_read: int, n_children: int, S: int, llc: int | None,
 def generation_setup(P: int, layers: int, strategy: str, method: str, seed: int):
     """The population, fitness, strategy module, params and initial state, as `genome run` builds them (P
     individuals; genome breeds P children per generation, genome_plus P offspring into a capacity of 2 P)."""
-    params = strategy_params(RunConfig(tasks=("mmlu",), method=strategy, population_size=P, cross_method=method))
-    strat = get_strategy(strategy)
+    strat, params = strategy_params(RunConfig(tasks=("mmlu",), method=strategy, population_size=P,
+                                              cross_method=method))
     key = jax.random.key(seed + P)
     factors = make_population(key, P, layers)
     fitness = jax.random.uniform(jax.random.fold_in(key, 1), (P,))
@@ -177,7 +176,7 @@ def measure_size(args, P: int, layers: int) -> dict:
     """One size: ask, tell and the crossover alone (+ export of a few children), medians; runs in its own process."""
     factors, fitness, strat, params, state = generation_setup(P, layers, args.strategy, args.method, args.seed)
     n = jax.tree_util.tree_leaves(state.population)[0].shape[0]  # rows the parents are drawn from
-    key = strat.generation_key(state)
+    key = jax.random.key_data(jax.random.key(args.seed))
     out = {}
 
     def ask():
@@ -187,13 +186,13 @@ def measure_size(args, P: int, layers: int) -> dict:
     children, st = out["ask"]
     C = jax.tree_util.tree_leaves(children)[0].shape[0]
     fit_c = jax.random.uniform(jax.random.fold_in(key, 5), (C,))
-    tell = lambda: jax.block_until_ready(strat.tell(st, children, fit_c, params))
+    tell = lambda: jax.block_until_ready(strat.tell(key, st, children, fit_c, params))
     first_tell, t_wall, _ = _median_time(tell, args.repeats)
     print(f"  P={P} ({layers} layers): {args.strategy}.ask: first call {first_ask:.1f} s, median {a_wall:.3f} s wall / "
           f"{a_cpu:.3f} s CPU; tell: median {t_wall:.3f} s", flush=True)
 
-    cfg = params.cross_config
-    K = params.n_parents
+    cfg = strat.cross
+    K = strat.n_parents
     idx = jax.random.randint(jax.random.fold_in(key, 2), (C, K), 0, n)
     w = jax.random.dirichlet(jax.random.fold_in(key, 3), np.ones(K), (C,))
     cross = lambda: jax.block_until_ready(merge.crossover(key, factors, idx, w, config=cfg))
@@ -234,17 +233,17 @@ def compile_probe(args) -> dict:
     stored = sorted(f.name.split("-")[0] for f in where.iterdir()) if where is not None else []
     factors, fitness, strat, params, state = generation_setup(args.population, args.layers, args.strategy,
                                                               args.method, args.seed)
-    key = strat.generation_key(state)
+    key = jax.random.key_data(jax.random.key(args.seed))
     t0 = time.perf_counter()
     children, st = jax.block_until_ready(strat.ask(key, state, params))
     t1 = time.perf_counter()
     C = jax.tree_util.tree_leaves(children)[0].shape[0]
     fit = jax.numpy.zeros((C,))
-    jax.block_until_ready(strat.tell(st, children, fit, params))
+    jax.block_until_ready(strat.tell(key, st, children, fit, params))
     t2 = time.perf_counter()
     jax.block_until_ready(strat.ask(key, state, params))
     t3 = time.perf_counter()
-    jax.block_until_ready(strat.tell(st, children, fit, params))
+    jax.block_until_ready(strat.tell(key, st, children, fit, params))
     t4 = time.perf_counter()
     return {"compile_s": max(0.0, (t1 - t0) - (t3 - t2)) + max(0.0, (t2 - t1) - (t4 - t3)),
             "first_s": t2 - t0, "steady_s": t4 - t2, "cache": str(where),

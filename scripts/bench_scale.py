@@ -34,7 +34,8 @@ from genome_jax import sharding
 from genome_jax.errors import UserError
 from genome_jax.model_store import default_model_path
 from genome_jax.population import Population, PopulationMeta, export_population
-from genome_jax.strategies import StrategyParams, get_strategy, initial_population
+from genome_jax.evolve import generation_keys
+from genome_jax.strategies import make_strategy
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -70,20 +71,20 @@ def _operator_child(spec: dict) -> dict:
             experts[f"model.layers.{layer}.self_attn.{name}"] = {
                 "A": jnp.asarray(rng.standard_normal((k, r, d)) / np.sqrt(d), jnp.float32),
                 "B": jnp.asarray(rng.standard_normal((k, d_out, r)) * 0.02, jnp.float32)}
-    params = StrategyParams(population_size=P, cross="ties", combine="linear", individual_mutation_rate=0.5,
-                            gene_mutation_rate=0.05, max_generations=spec["repeats"] + 4)
-    strategy = get_strategy("genome")
+    strategy, params = make_strategy("genome", population_size=P, cross="ties", combine="linear",
+                                     individual_mutation_rate=0.5, gene_mutation_rate=0.05)
     if spec["sharded"]:
-        strategy = sharding.ShardedStrategy(strategy, sharding.population_mesh(n_devices=n_dev), params)
+        strategy = sharding.ShardedStrategy(strategy, sharding.population_mesh(n_devices=n_dev))
     k_init, k_run = jax.random.split(jax.random.PRNGKey(0))
-    pop = initial_population(k_init, experts, P, params=params)
+    pop = strategy.initial_population(k_init, experts)
     fitness = jnp.asarray(rng.standard_normal(P), jnp.float32)
     state = strategy.init(k_run, pop, fitness, params)
 
     def generation(state):
-        children, state = strategy.ask(strategy.generation_key(state), state, params)
+        k_ask, k_tell = generation_keys(k_run, int(state.generation))
+        children, state = strategy.ask(k_ask, state, params)
         f = jnp.asarray(rng.standard_normal(P), jnp.float32)
-        state = strategy.tell(state, children, f, params)
+        state, _ = strategy.tell(k_tell, state, children, f, params)
         jax.block_until_ready(state)
         return state
 

@@ -59,8 +59,9 @@ def descending_order(fitness) -> jax.Array:
 
 
 def n_elites(population_size: int, elite_percent: float) -> int:
-    """Number of elites: elite_percent * population_size rounded half up (a static Python int)."""
-    return int(math.floor(elite_percent * population_size + 0.5))
+    """Number of elites: ceil(elite_percent * population_size), so at least one when elite_percent > 0 (a static
+    Python int; the one rule the strategies use for their elites and survivors)."""
+    return int(math.ceil(elite_percent * population_size - 1e-9))
 
 
 def roulette_weights(fitness) -> jax.Array:

@@ -1,30 +1,45 @@
-"""Search strategies with an evosax-like ask/tell surface over flax.struct state.
+"""Search strategies as evosax-style classes: structure in the constructor, numbers in a `Params` pytree.
 
-    strategy = get_strategy("genome" | "genome_plus")
-    state = strategy.init(key, population_factors, fitness, params)
-    children, state = strategy.ask(strategy.generation_key(state), state, params)
-    state = strategy.tell(state, children, fitness, params)     # score only needs_score(state)
+    strategy, params = make_strategy("genome" | "genome_plus", population_size=8, sigma=0.02, ...)
+    state = strategy.init(key, population, fitness, params)
+    children, state = strategy.ask(key_ask, state, params)
+    scores = ...                                       # for the children strategy.needs_score(state) marks
+    state, metrics = strategy.tell(key_tell, state, children, scores, params)
 
-`ask` and `tell` are each a small jitted plan (per-individual decisions) plus one jitted program per module, run
-once per module with the module's index traced (params is static): XLA compiles one program per distinct module
-shape, so compile time does not grow with the number of layers. Both are traceable (a caller may jit them whole).
+`genome_jax.evolve.evolve` is the loop around them (keys, checkpoints, early stopping). `ask` and `tell` are each
+a small jitted plan (per-individual decisions) plus one jitted program per module, run once per module with the
+module's index traced (the strategy object is static, params traced): XLA compiles one program per distinct module
+shape, so compile time does not grow with the number of layers, and a new params value compiles nothing.
 """
 from __future__ import annotations
 
-from types import ModuleType
+from typing import Any
 
 from genome_jax.errors import UserError
-from genome_jax.strategies import genome, genome_plus
-from genome_jax.strategies.common import StrategyParams, initial_population, needs_score
+from genome_jax.strategies.common import SETTINGS, Params, Strategy, initial_population, validate_settings
+from genome_jax.strategies.genome import Genome, GenomeState
+from genome_jax.strategies.genome_plus import GenomePlus, GenomePlusParams, GenomePlusState
 
-STRATEGIES: dict[str, ModuleType] = {"genome": genome, "genome_plus": genome_plus}
+STRATEGIES: dict[str, type[Strategy]] = {"genome": Genome, "genome_plus": GenomePlus}
 
-__all__ = ["STRATEGIES", "StrategyParams", "get_strategy", "initial_population", "needs_score", "genome", "genome_plus"]
+__all__ = ["STRATEGIES", "SETTINGS", "Strategy", "Params", "Genome", "GenomeState", "GenomePlus", "GenomePlusParams",
+           "GenomePlusState", "get_strategy", "make_strategy", "initial_population"]
 
 
-def get_strategy(name: str) -> ModuleType:
-    """The strategy module (init, ask, tell, done, generation_key, num_children) for a method name."""
+def get_strategy(name: str) -> type[Strategy]:
+    """The strategy class of a method name."""
     try:
         return STRATEGIES[name]
     except KeyError:
         raise UserError(f"unknown method '{name}' (known: {', '.join(STRATEGIES)})") from None
+
+
+def make_strategy(method: str, **settings: Any) -> tuple[Strategy, Params]:
+    """(strategy, params) of `method` from settings named as in SETTINGS (each optional, with its default there).
+    Raises UserError naming the first unknown or invalid setting."""
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise UserError(f"unknown strategy setting '{unknown[0]}' (known: {', '.join(SETTINGS)})")
+    full = {**SETTINGS, **settings}
+    validate_settings(full)
+    return get_strategy(method).from_settings(full)

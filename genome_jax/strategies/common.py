@@ -1,222 +1,289 @@
-"""Pieces shared by the GENOME and GENOME+ strategies: parameters, pytree helpers, offspring, initialisation.
+"""Pieces shared by the GENOME and GENOME+ strategies: settings, the `Strategy` base class, `Params`, pytree
+helpers, offspring, initialisation.
 
 A population here is the `factors` pytree of `Population` (leaves with the individual on axis 0):
 `{module_path: {"A": (P, r, d_in), "B": (P, d_out, r)}}`. Crossover is `genome_jax.operators.merge.crossover`.
+
+A strategy is split the evosax way:
+- the *strategy object* (a frozen, hashable dataclass: a static jit argument) fixes shapes and structure: sizes,
+  elite count, merge methods, mutation kind, selection kinds, tournament size;
+- its `Params` (a pytree of float32 scalars: a traced jit argument) holds the hyperparameters that are plain
+  numbers, so a new value is a new argument, never a new program.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
+from flax import struct
 
 from genome_jax.errors import UserError
+from genome_jax.operators import merge
 from genome_jax.operators import mutation as mutation_ops
 from genome_jax.operators import selection as selection_ops
-from genome_jax.operators.succession import SuccessionConfig
 
 Factors = Any  # the population pytree
-ScalarOrSchedule = Union[float, Callable[[Any], Any]]
 
 MUTATIONS = ("gaussian", "svd")
 CROSS_WEIGHTS = ("random", "equal", "fitness")
 
-
-def _merge():
-    # Looked up at call time: the merge operators live in their own module (another helper's).
-    from genome_jax.operators import merge
-
-    return merge
-
-
-@dataclasses.dataclass(frozen=True)
-class StrategyParams:
-    """Static configuration of a strategy (hashable: passed to jit as a static argument).
-
-    Sizes: `genome` keeps exactly `population_size` individuals; `genome_plus` starts from `population_size`
-    (the initial population), adds `n_offspring` children per generation (None: `population_size`) and trims the
-    population back to `max_population_size` (None: 2 x population_size) by survivor selection.
-    `combine` (initial population) and `cross` (crossover) are merge method names or `MergeConfig`s.
-    `sigma` / `step_size` are floats (then decayed by `sigma_decay` / `step_size_decay` per generation) or optax
-    schedules. `patience` > 0 enables early stopping after that many generations without a better best.
-    `max_generations` sizes the fitness history kept in the state.
-    """
-
-    population_size: int = 10
-    max_population_size: int | None = None
-    n_offspring: int | None = None
-    combine: Any = "ties"
-    cross: Any = "ties"
-    n_parents: int = 2
-    cross_rate: float = 0.8
-    cross_weights: str = "random"  # random (U(0,1), normalised) | equal | fitness (roulette weights of parents)
-    mutation: str = "gaussian"  # gaussian | svd
-    individual_mutation_rate: float = 0.15
-    gene_mutation_rate: float = 0.01
-    sigma: ScalarOrSchedule = 0.01
-    sigma_decay: float = 1.0
-    elite_percent: float = 0.02
-    selection: str = "roulette"  # parent selection: roulette | tournament | truncation | rank
-    tournament_size: int = 3
-    truncation_percent: float = 0.5
-    rank_pressure: float = 1.5
-    survivor_selection: str = "truncation"  # genome_plus trimming: truncation | roulette | rank | tournament
-    inertia: float = 0.4
-    cognitive: float = 0.3
-    social: float = 0.5
-    repel: float = 0.1
-    step_size: ScalarOrSchedule = 1.0
-    step_size_decay: float = 0.95
-    patience: int = 0
-    max_generations: int = 100
-
-    def __post_init__(self):
-        validate_params(self)
-
-    # ---- derived, static ----
-    @property
-    def capacity(self) -> int:
-        """genome_plus: slots in the population arrays (max population)."""
-        return self.max_population_size if self.max_population_size is not None else 2 * self.population_size
-
-    @property
-    def offspring_per_generation(self) -> int:
-        return self.n_offspring if self.n_offspring is not None else self.population_size
-
-    def n_elite(self, population: int) -> int:
-        """ceil(elite_percent * population); at least one elite when elite_percent > 0."""
-        return int(math.ceil(self.elite_percent * population - 1e-9))
-
-    @property
-    def cross_config(self):
-        return _merge_config(self.cross)
-
-    @property
-    def combine_config(self):
-        return _merge_config(self.combine)
-
-    @property
-    def sigma_schedule(self) -> ScalarOrSchedule:
-        return _schedule(self.sigma, self.sigma_decay)
-
-    @property
-    def succession_config(self) -> SuccessionConfig:
-        return SuccessionConfig(
-            inertia=self.inertia,
-            cognitive=self.cognitive,
-            social=self.social,
-            repel=self.repel,
-            step_size=_schedule(self.step_size, self.step_size_decay),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able record (for the run config beside the checkpoints)."""
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if callable(v):
-                raise UserError(
-                    f"StrategyParams.{f.name} is a Python callable and cannot be recorded in the run config; "
-                    f"give a float and '{f.name}_decay' instead"
-                )
-            if dataclasses.is_dataclass(v):
-                v = {"__merge__": dataclasses.asdict(v)}
-            out[f.name] = v
-        return out
+# Every strategy setting and its default (the keywords of `make_strategy`). Which of them a method uses: its class's
+# fields (structure) and its Params' fields (plain numbers); the rest are ignored by that method.
+SETTINGS: dict[str, Any] = {
+    "population_size": 10,  # genome: the population; genome_plus: the initial population
+    "max_population_size": None,  # genome_plus: slots of the population (None: 2 x population_size)
+    "n_offspring": None,  # genome_plus: children bred per generation (None: population_size)
+    "combine": "ties",  # merge method (or MergeConfig) of the initial population
+    "cross": "ties",  # merge method (or MergeConfig) of crossover
+    "n_parents": 2,
+    "cross_rate": 0.8,
+    "cross_weights": "random",  # random (U(0,1), normalised) | equal | fitness (roulette weights of the parents)
+    "mutation": "gaussian",  # gaussian | svd
+    "individual_mutation_rate": 0.15,
+    "gene_mutation_rate": 0.01,
+    "sigma": 0.01,
+    "sigma_decay": 1.0,  # sigma at generation t: sigma * sigma_decay ** t
+    "elite_percent": 0.02,  # elites: selection.n_elites(population, elite_percent) (at least one when > 0)
+    "selection": "roulette",  # parent selection: roulette | tournament | truncation | rank
+    "tournament_size": 3,
+    "truncation_percent": 0.5,
+    "rank_pressure": 1.5,
+    "survivor_selection": "truncation",  # genome_plus trimming: truncation | roulette | rank | tournament
+    "inertia": 0.4,
+    "cognitive": 0.3,
+    "social": 0.5,
+    "repel": 0.1,
+    "step_size": 1.0,
+    "step_size_decay": 0.95,  # step size at generation t: step_size * step_size_decay ** t
+}
 
 
-def _merge_config(value):
-    if isinstance(value, str):
-        # mergekit's normalisation by the agreeing weights: a child of identical parents is that parent (PEFT's
-        # count normalisation would divide A and B by the number of parents, and ΔW by its square)
-        return _merge().MergeConfig(method=value, normalize="weight")
-    return value
+# ---- validation (one rule set for make_strategy and the constructors) ----
 
-
-def _schedule(value: ScalarOrSchedule, decay: float) -> ScalarOrSchedule:
-    if callable(value) or decay == 1.0:
-        return value
-    return optax.exponential_decay(init_value=float(value), transition_steps=1, decay_rate=decay)
+def _bad(name: str, what: str, v) -> UserError:
+    return UserError(f"strategy setting '{name}' must be {what}, got {v!r}")
 
 
 def _rate(name, v, lo=0.0, hi=1.0, lo_open=False):
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     ok = ok and (v > lo if lo_open else v >= lo) and v <= hi
     if not ok:
-        lo_b = "(" if lo_open else "["
-        raise UserError(f"StrategyParams: '{name}' must be in {lo_b}{lo}, {hi}], got {v!r}")
+        raise _bad(name, f"in {'(' if lo_open else '['}{lo}, {hi}]", v)
 
 
 def _int(name, v, lo):
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise UserError(f"StrategyParams: '{name}' must be an integer >= {lo}, got {v!r}")
+        raise _bad(name, f"an integer >= {lo}", v)
 
 
-def validate_params(p: StrategyParams) -> None:
-    """Raise UserError naming the first bad field."""
-    _int("population_size", p.population_size, 2)
-    if p.max_population_size is not None:
-        _int("max_population_size", p.max_population_size, 2)
-        if p.max_population_size < p.population_size:
-            raise UserError(
-                f"StrategyParams: 'max_population_size' ({p.max_population_size}) must be >= 'population_size' "
-                f"({p.population_size})"
-            )
-    if p.n_offspring is not None:
-        _int("n_offspring", p.n_offspring, 1)
-    _int("n_parents", p.n_parents, 1)
+def _one_of(name, v, allowed):
+    if v not in allowed:
+        raise _bad(name, f"one of {', '.join(allowed)}", v)
+
+
+def validate_settings(s: dict[str, Any]) -> None:
+    """Raise UserError naming the first bad setting. s: every key of SETTINGS."""
+    _int("population_size", s["population_size"], 2)
+    if s["max_population_size"] is not None:
+        _int("max_population_size", s["max_population_size"], 2)
+        if s["max_population_size"] < s["population_size"]:
+            raise UserError(f"strategy setting 'max_population_size' ({s['max_population_size']}) must be >= "
+                            f"'population_size' ({s['population_size']})")
+    if s["n_offspring"] is not None:
+        _int("n_offspring", s["n_offspring"], 1)
+    _int("n_parents", s["n_parents"], 1)
     for name in ("cross_rate", "individual_mutation_rate", "gene_mutation_rate", "elite_percent"):
-        _rate(name, getattr(p, name))
-    if p.n_elite(p.population_size) >= p.population_size:
-        raise UserError(
-            f"StrategyParams: 'elite_percent' {p.elite_percent} keeps every one of the {p.population_size} "
-            "individuals as an elite; nothing would be bred"
-        )
-    if p.cross_weights not in CROSS_WEIGHTS:
-        raise UserError(f"StrategyParams: 'cross_weights' must be one of {', '.join(CROSS_WEIGHTS)}, got {p.cross_weights!r}")
-    if p.mutation not in MUTATIONS:
-        raise UserError(f"StrategyParams: 'mutation' must be one of {', '.join(MUTATIONS)}, got {p.mutation!r}")
-    if p.selection not in selection_ops.PARENT_METHODS:
-        raise UserError(
-            f"StrategyParams: 'selection' must be one of {', '.join(selection_ops.PARENT_METHODS)}, got {p.selection!r}"
-        )
-    if p.survivor_selection not in selection_ops.SURVIVOR_METHODS:
-        raise UserError(
-            "StrategyParams: 'survivor_selection' must be one of "
-            f"{', '.join(selection_ops.SURVIVOR_METHODS)}, got {p.survivor_selection!r}"
-        )
-    _int("tournament_size", p.tournament_size, 1)
-    _rate("truncation_percent", p.truncation_percent, lo_open=True)
-    _rate("rank_pressure", p.rank_pressure, 1.0, 2.0)
-    for name in ("sigma", "step_size"):
-        v = getattr(p, name)
-        if not callable(v):
-            _rate(name, v, 0.0, math.inf)
-    _rate("sigma_decay", p.sigma_decay, lo_open=True)
-    _rate("step_size_decay", p.step_size_decay, lo_open=True)
-    for name in ("inertia", "cognitive", "social", "repel"):
-        _rate(name, getattr(p, name), 0.0, math.inf)
-    _int("patience", p.patience, 0)
-    _int("max_generations", p.max_generations, 1)
+        _rate(name, s[name])
+    if selection_ops.n_elites(s["population_size"], s["elite_percent"]) >= s["population_size"]:
+        raise UserError(f"strategy setting 'elite_percent' {s['elite_percent']} keeps every one of the "
+                        f"{s['population_size']} individuals as an elite; nothing would be bred")
+    _one_of("cross_weights", s["cross_weights"], CROSS_WEIGHTS)
+    _one_of("mutation", s["mutation"], MUTATIONS)
+    _one_of("selection", s["selection"], selection_ops.PARENT_METHODS)
+    _one_of("survivor_selection", s["survivor_selection"], selection_ops.SURVIVOR_METHODS)
+    _int("tournament_size", s["tournament_size"], 1)
+    _rate("truncation_percent", s["truncation_percent"], lo_open=True)
+    _rate("rank_pressure", s["rank_pressure"], 1.0, 2.0)
+    for name in ("sigma", "step_size", "inertia", "cognitive", "social", "repel"):
+        _rate(name, s[name], 0.0, math.inf)
+    _rate("sigma_decay", s["sigma_decay"], lo_open=True)
+    _rate("step_size_decay", s["step_size_decay"], lo_open=True)
     for name in ("combine", "cross"):
-        v = getattr(p, name)
+        v = s[name]
         if isinstance(v, str):
-            methods = getattr(_merge_module_or_none(), "METHODS", None)
-            if methods is not None and v not in methods:
-                raise UserError(f"StrategyParams: '{name}' must be one of {', '.join(methods)}, got {v!r}")
-        elif not (dataclasses.is_dataclass(v) and hasattr(v, "method")):
-            raise UserError(f"StrategyParams: '{name}' must be a merge method name or a MergeConfig, got {v!r}")
+            _one_of(name, v, merge.METHODS)
+        elif not isinstance(v, merge.MergeConfig):
+            raise _bad(name, "a merge method name or a MergeConfig", v)
 
 
-def _merge_module_or_none():
-    try:
-        return _merge()
-    except ImportError:
-        return None
+def as_merge_config(value) -> merge.MergeConfig:
+    """A merge method name as a MergeConfig with mergekit's normalisation by the agreeing weights: a child of
+    identical parents is that parent (PEFT's count normalisation would divide A and B by the number of parents,
+    and ΔW by its square). A MergeConfig is kept as given."""
+    return merge.MergeConfig(method=value, normalize="weight") if isinstance(value, str) else value
+
+
+def decayed(value, decay, step) -> jax.Array:
+    """value * decay ** step as a float32 scalar (sigma and the step size at generation `step`)."""
+    return jnp.asarray(value, jnp.float32) * jnp.power(jnp.asarray(decay, jnp.float32), jnp.asarray(step, jnp.float32))
+
+
+# ---- Params ----
+
+@struct.dataclass
+class Params:
+    """The hyperparameters of GENOME that are plain numbers (float32 scalars; see SETTINGS for their meaning).
+    A pytree: passed to jit as a traced argument, so changing a value does not recompile."""
+
+    cross_rate: jax.Array
+    individual_mutation_rate: jax.Array
+    gene_mutation_rate: jax.Array
+    sigma: jax.Array
+    sigma_decay: jax.Array
+    truncation_percent: jax.Array
+    rank_pressure: jax.Array
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]):
+        """The Params of `settings` (a mapping holding at least this class's field names)."""
+        return cls(**{f.name: jnp.float32(settings[f.name]) for f in dataclasses.fields(cls)})
+
+    def to_dict(self) -> dict[str, float]:
+        """JSON-able record {name: float} (the shortest decimal of each float32: 0.8, not 0.800000011920929)."""
+        return {f.name: float(str(np.float32(getattr(self, f.name)))) for f in dataclasses.fields(self)}
+
+
+def as_float32(params):
+    """Every leaf a float32 array: a Python float (weakly typed) and a float32 array are different jit argument
+    types, so a value set with `params.replace(sigma=0.05)` would otherwise compile once more."""
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+
+
+# ---- the strategy base class ----
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """Shapes and structure of a search (hashable: a static jit argument). Subclasses: `Genome`, `GenomePlus`.
+
+        strategy, params = make_strategy("genome", population_size=8)      # or Genome(population_size=8)
+        state = strategy.init(key, population, fitness, params)
+        children, state = strategy.ask(key_ask, state, params)
+        scores = ...                                   # for the children strategy.needs_score(state) marks
+        state, metrics = strategy.tell(key_tell, state, children, scores, params)
+
+    `genome_jax.evolve.evolve` runs this loop with checkpoints. cross / combine: merge method names or MergeConfigs
+    (names become MergeConfigs, see `as_merge_config`). The elite count is `selection.n_elites(size, elite_percent)`.
+    """
+
+    population_size: int = SETTINGS["population_size"]
+    combine: Any = SETTINGS["combine"]
+    cross: Any = SETTINGS["cross"]
+    n_parents: int = SETTINGS["n_parents"]
+    cross_weights: str = SETTINGS["cross_weights"]
+    mutation: str = SETTINGS["mutation"]
+    elite_percent: float = SETTINGS["elite_percent"]
+    selection: str = SETTINGS["selection"]
+    tournament_size: int = SETTINGS["tournament_size"]
+
+    name = "strategy"  # the method name (a class attribute, not a field)
+    Params = Params  # this method's Params class
+
+    def __post_init__(self):
+        validate_settings({**SETTINGS, **self.structure()})
+        object.__setattr__(self, "combine", as_merge_config(self.combine))
+        object.__setattr__(self, "cross", as_merge_config(self.cross))
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]):
+        """(strategy, params) from a full settings mapping (every key of SETTINGS)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in settings.items() if k in fields}), cls.Params.from_settings(settings)
+
+    def structure(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def default_params(self):
+        return self.Params.from_settings(SETTINGS)
+
+    @property
+    def n_elite(self) -> int:
+        return selection_ops.n_elites(self.population_size, self.elite_percent)
+
+    @property
+    def num_children(self) -> int:
+        """Children per `ask` (the leading size of the children pytree)."""
+        raise NotImplementedError
+
+    @property
+    def population_sizes(self) -> frozenset[int]:
+        """Every population-axis size this strategy uses (initial population, state slots, children): each must
+        split evenly over the devices of a sharded run."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able record of the structure (merge configs as {"__merge__": fields})."""
+        out: dict[str, Any] = {"method": self.name}
+        for k, v in self.structure().items():
+            out[k] = {"__merge__": dataclasses.asdict(v)} if dataclasses.is_dataclass(v) else v
+        return out
+
+    def record(self, params) -> dict[str, Any]:
+        """The JSON-able record of this strategy and its params (for run_config.json and a run's identity)."""
+        return {"strategy": self.to_dict(), "params": params.to_dict()}
+
+    def needs_score(self, state) -> jax.Array:
+        """(C,) bool: the children from the last `ask` whose weights are new (to be exported and scored).
+        Unchanged copies (elites, children neither crossed nor mutated, particles that did not move) are skipped;
+        `tell` gives copies their source's fitness."""
+        return state.child_source < 0
+
+    def state_template(self, population, params):
+        """The state's structure (ShapeDtypeStructs on this process's first device) for a population of
+        `population`'s shapes (arrays or ShapeDtypeStructs): the target of a checkpoint restore, which then lands
+        on that device whatever device count wrote it. Computes nothing."""
+        n = population_size_of(population)
+        shapes = jax.eval_shape(self.init, jax.random.PRNGKey(0), population,
+                                jax.ShapeDtypeStruct((n,), jnp.float32), params)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+
+    def metrics(self, state) -> dict[str, jax.Array]:
+        """Fitness of the population (best, mean, worst over finite entries), best ever, alive individuals and
+        generations without a better best: a dict of scalars."""
+        return _metrics(state.fitness, state.best_fitness, state.stall)
+
+    def initial_population(self, key, experts, *, init_merge: bool = True):
+        """`initial_population` of `population_size` individuals with this strategy's `combine` merge."""
+        return initial_population(key, experts, self.population_size, merge_config=self.combine,
+                                  init_merge=init_merge)
+
+    def init(self, key, population, fitness, params):
+        """The state of an initial population: pytree (n0, ...) (sizes: see the subclass) and fitness (n0,) its
+        scores. key and params: unused by GENOME and GENOME+ (the evosax signature)."""
+        n = population_size_of(population)
+        self.check_initial_size(n)
+        if tuple(jnp.shape(fitness)) != (n,):
+            raise UserError(f"{self.name}: fitness has shape {tuple(jnp.shape(fitness))}, expected ({n},)")
+        return self._init(population, jnp.asarray(fitness, jnp.float32))
+
+    def check_initial_size(self, n: int) -> None:
+        """Raise UserError when an initial population of n individuals does not fit this strategy."""
+        raise NotImplementedError
+
+    # _init / ask / tell: see the subclasses
+
+
+@jax.jit
+def _metrics(fitness, best_fitness, stall) -> dict[str, jax.Array]:
+    s = fitness_stats(fitness)
+    return {"best": s[0], "mean": s[1], "worst": s[2], "best_ever": best_fitness,
+            "population": jnp.sum(jnp.isfinite(fitness)).astype(jnp.int32), "stall": stall}
 
 
 # ---- pytree helpers (leaves carry the individual on axis 0) ----
@@ -270,15 +337,6 @@ def fitness_stats(fitness, mask=None):
     return jnp.where(n > 0, jnp.stack([best, mean, worst]), jnp.nan)
 
 
-def empty_history(params: StrategyParams) -> jax.Array:
-    """(max_generations + 1, 3) of NaN: rows = generation, columns = best, mean, worst."""
-    return jnp.full((params.max_generations + 1, 3), jnp.nan, jnp.float32)
-
-
-def record_history(history, generation, stats):
-    return history.at[generation].set(stats, mode="drop")  # runs past max_generations keep no history
-
-
 def improves(candidate, incumbent):
     """Is a finite candidate fitness strictly better than the incumbent (a non-finite incumbent always loses)?"""
     return jnp.isfinite(candidate) & ((candidate > incumbent) | ~jnp.isfinite(incumbent))
@@ -290,19 +348,11 @@ def inherit_fitness(fitness, child_source, parent_fitness):
     return jnp.where(child_source >= 0, parent_fitness[src], jnp.asarray(fitness, jnp.float32))
 
 
-def raw_key(key) -> jax.Array:
-    """A legacy uint32 (2,) key (typed keys are unwrapped) so the state checkpoints as a plain array."""
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(key)
-    return key.astype(jnp.uint32)
-
-
 # ---- breeding ----
 
 def parent_weights(key, parent_fitness, mode: str):
     """Merge weights (n, K) summing to 1 per child (crossover then returns a parent when all K are the same one, see
-    `_merge_config`). parent_fitness: (n, K)."""
+    `as_merge_config`). parent_fitness: (n, K)."""
     n, k = parent_fitness.shape
     if mode == "equal":
         return jnp.full((n, k), 1.0 / k, jnp.float32)
@@ -314,24 +364,12 @@ def parent_weights(key, parent_fitness, mode: str):
     return jnp.where(s > 0, w / jnp.where(s > 0, s, 1.0), 1.0 / k)
 
 
-def mutate(key, factors, params: StrategyParams, step):
-    """The configured mutation. Returns (factors', mutated: (n,) bool)."""
-    fn = mutation_ops.gaussian_mutation if params.mutation == "gaussian" else mutation_ops.svd_mutation
-    return fn(
-        key,
-        factors,
-        individual_rate=params.individual_mutation_rate,
-        gene_rate=params.gene_mutation_rate,
-        sigma=params.sigma_schedule,
-        step=step,
-    )
-
-
 # ---- one program per module signature ----
 # A generation runs as a small jitted plan (everything decided per individual: parents, merge weights, which
 # children are crossed, which individuals a mutation picks) and one jitted program per module, called for every
 # module with its index traced. XLA then compiles one program per distinct module shape (4 for SmolLM2: q/o, k/v,
 # gate/up, down) instead of one program over all 210 modules (about a minute of XLA:CPU compile per process).
+# The strategy object is the programs' static argument, Params (inside the plan) a traced one.
 
 def module_names(tree) -> list:
     """The population's modules: its top-level keys, sorted ([None]: the tree is not a dict, one module)."""
@@ -347,84 +385,86 @@ def from_modules(names: list, parts: list):
     return parts[0] if names == [None] else dict(zip(names, parts))
 
 
-def offspring_plan(key, fitness, n: int, params: StrategyParams, step) -> dict:
+def offspring_plan(key, fitness, n: int, strategy: Strategy, params, step) -> dict:
     """Everything about n children that is decided per individual (not per gene): a dict of small arrays.
 
-    parents (n, K) int32; crossed (n,) bool; weights (n, K) (only when crossover is on); k_cross: the crossover
-    key (module m merges with fold_in(k_cross, m)); picked (n,) bool and gene_keys (n, g): the mutation's picks
-    and per-individual gene keys (module m uses fold_in(gene_key, m)); sigma: the resolved noise scale."""
+    parents (n, K) int32; crossed (n,) bool; weights (n, K) (when n_parents > 1); k_cross: the crossover key
+    (module m merges with fold_in(k_cross, m)); picked (n,) bool and gene_keys (n, g): the mutation's picks and
+    per-individual gene keys (module m uses fold_in(gene_key, m)); sigma and gene_rate: the mutation's numbers."""
     k_sel, k_w, k_cross, k_rate, k_mut = jax.random.split(key, 5)
-    kp = params.n_parents
+    kp = strategy.n_parents
     parents = selection_ops.select_parents(
         k_sel,
         fitness,
         n * kp,
-        method=params.selection,
-        tournament_size=params.tournament_size,
+        method=strategy.selection,
+        tournament_size=strategy.tournament_size,
         truncation_percent=params.truncation_percent,
         rank_pressure=params.rank_pressure,
     ).reshape(n, kp)
     plan = {"parents": parents, "k_cross": k_cross, "crossed": jnp.zeros((n,), bool)}
-    if params.cross_rate > 0 and kp > 1:
-        plan["weights"] = parent_weights(k_w, jnp.asarray(fitness, jnp.float32)[parents], params.cross_weights)
+    if kp > 1:  # crossover is structure; cross_rate (0 included) only decides which children use it
+        plan["weights"] = parent_weights(k_w, jnp.asarray(fitness, jnp.float32)[parents], strategy.cross_weights)
         plan["crossed"] = jax.random.bernoulli(k_rate, params.cross_rate, (n,))
-    n_gene_keys = 1 if params.mutation == "gaussian" else 2
+    n_gene_keys = 1 if strategy.mutation == "gaussian" else 2
     plan["picked"], plan["gene_keys"] = mutation_ops.pick_individuals(k_mut, n, params.individual_mutation_rate,
                                                                       n_gene_keys)
-    plan["sigma"] = mutation_ops.resolve_schedule(params.sigma_schedule, step)
+    plan["sigma"] = decayed(params.sigma, params.sigma_decay, step)
+    plan["gene_rate"] = jnp.asarray(params.gene_mutation_rate, jnp.float32)
     return plan
 
 
-def breed_module(plan: dict, mi, module, params: StrategyParams):
+def breed_module(plan: dict, mi, module, strategy: Strategy):
     """The n children's module `mi` (module: this module's pytree of (P, ...) parents): copy parents[:, 0], merge
     the crossed children's parents, mutate. Returns (children (n, ...), mutated (n,) bool)."""
     parents = plan["parents"]
     children = tree_take(module, parents[:, 0])
     if "weights" in plan:
-        merged = _merge().crossover(jax.random.fold_in(plan["k_cross"], mi), {"m": module}, parents,
-                                    plan["weights"], config=params.cross_config)["m"]
+        merged = merge.crossover(jax.random.fold_in(plan["k_cross"], mi), {"m": module}, parents,
+                                 plan["weights"], config=strategy.cross)["m"]
         children = tree_where(plan["crossed"], merged, children)
     fold = jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(0, None)), in_axes=(0, None))
     keys = fold(plan["gene_keys"], mi)  # (n, g)
-    rates = dict(gene_rate=params.gene_mutation_rate, sigma=plan["sigma"])
-    if params.mutation == "gaussian":
+    rates = dict(gene_rate=plan["gene_rate"], sigma=plan["sigma"])
+    if strategy.mutation == "gaussian":
         return mutation_ops.gaussian_mutation_picked(keys[:, 0], plan["picked"], children, **rates)
     out, mutated = mutation_ops.svd_mutation_picked(keys, plan["picked"], {"m": children}, **rates)
     return out["m"], mutated
 
 
-@functools.partial(jax.jit, static_argnames=("params",))
-def _offspring_module(plan, mi, module, changed, params: StrategyParams):
+@functools.partial(jax.jit, static_argnames=("strategy",))
+def _offspring_module(plan, mi, module, changed, strategy: Strategy):
     """One module of the children, with the elites' copies (plan["elites"]) in front; changed |= mutated."""
-    children, mutated = breed_module(plan, mi, module, params)
+    children, mutated = breed_module(plan, mi, module, strategy)
     if "elites" in plan:
         children = tree_concat(tree_take(module, plan["elites"]), children)
     return children, changed | mutated
 
 
-def breed(plan: dict, population, params: StrategyParams):
+def breed(plan: dict, population, strategy: Strategy):
     """Every module of the children of `plan` (elites first when plan has "elites"): one call per module.
     Returns (children, changed (n,) bool: crossed or mutated anywhere)."""
     names = module_names(population)
     parts, changed = [], plan["crossed"]
     for mi, name in enumerate(names):
-        child, changed = _offspring_module(plan, jnp.int32(mi), module_of(population, name), changed, params=params)
+        child, changed = _offspring_module(plan, jnp.int32(mi), module_of(population, name), changed,
+                                           strategy=strategy)
         parts.append(child)
     return from_modules(names, parts), changed
 
 
-_offspring_plan = jax.jit(offspring_plan, static_argnames=("n", "params"))
+_offspring_plan = jax.jit(offspring_plan, static_argnames=("n", "strategy"))
 
 
-def make_offspring(key, population, fitness, n: int, params: StrategyParams, step):
+def make_offspring(key, population, fitness, n: int, strategy: Strategy, params, step):
     """n children: parent selection -> crossover (probability cross_rate) -> mutation.
 
     population: pytree (P, ...); fitness: (P,). Returns (children (n, ...), parents (n, K) int32,
     changed (n,) bool). A child that was neither crossed nor mutated is an exact copy of parents[:, 0].
     One small plan, then one program per module (see `offspring_plan`, `breed`).
     """
-    plan = _offspring_plan(key, fitness, n, params, step)
-    children, changed = breed(plan, population, params)
+    plan = _offspring_plan(key, fitness, n, strategy, as_float32(params), step)
+    children, changed = breed(plan, population, strategy)
     return children, plan["parents"], changed
 
 
@@ -442,24 +482,22 @@ def per_module(fn, names: list, *trees):
     return from_modules(names, outs)
 
 
-def initial_population(key, experts, n: int | None = None, *, params: StrategyParams | None = None,
-                       merge_config=None, init_merge: bool = True):
-    """GENOME's initial population from K experts (pytree (K, ...)).
+def initial_population(key, experts, n: int, *, merge_config=None, init_merge: bool = True):
+    """GENOME's initial population of n individuals from K experts (pytree (K, ...)).
 
     init_merge=True: n children, each a merge of two distinct random experts with weights (w, 1 - w),
-    w ~ U(0, 1), by `merge_config` (default: params.combine). init_merge=False: the experts themselves (n must
-    be >= K; any extra individuals are random pairwise merges). n defaults to params.population_size, else K.
-    Returns a pytree (n, ...).
+    w ~ U(0, 1), by `merge_config` (default: linear). init_merge=False: the experts themselves (n must be >= K;
+    any extra individuals are random pairwise merges). Returns a pytree (n, ...). Pure JAX (jax.eval_shape gives
+    its shapes without computing it).
     """
     k_experts = population_size_of(experts)
-    if n is None:
-        n = params.population_size if params is not None else k_experts
     if merge_config is None:
-        merge_config = params.combine_config if params is not None else _merge_config("linear")
+        merge_config = as_merge_config("linear")
     if k_experts < 1:
         raise UserError("initial population: no experts given")
     if not init_merge and n < k_experts:
-        raise UserError(f"initial population: init_merge=False keeps all {k_experts} experts but the population size is {n}")
+        raise UserError(f"initial population: init_merge=False keeps all {k_experts} experts but the population "
+                        f"size is {n}")
     n_merge = n if init_merge else n - k_experts
     if n_merge and k_experts < 2:
         raise UserError("initial population: random pairwise merges need at least 2 experts")
@@ -472,19 +510,8 @@ def initial_population(key, experts, n: int | None = None, *, params: StrategyPa
         w = jax.random.uniform(k_w, (n_merge,), jnp.float32)
         pairs = jnp.stack([i, j], axis=1).astype(jnp.int32)
         weights = jnp.stack([w, 1.0 - w], axis=1)
-        parts.append(_merge().crossover(k_m, experts, pairs, weights, config=merge_config))
+        parts.append(merge.crossover(k_m, experts, pairs, weights, config=merge_config))
     out = parts[0]
     for p in parts[1:]:
         out = tree_concat(out, p)
     return out
-
-
-def needs_score(state) -> jax.Array:
-    """(C,) bool: the children from the last `ask` whose weights are new (to be exported and scored).
-
-    Unchanged copies (elites, children neither crossed nor mutated, particles that did not move) and empty
-    slots are skipped; `tell` gives copies their source's fitness.
-    """
-    need = state.child_source < 0
-    alive = getattr(state, "child_alive", None)
-    return need if alive is None else need & alive

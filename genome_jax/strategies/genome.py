@@ -4,16 +4,18 @@ One generation (`ask`: a small jitted plan, then one jitted program per module):
 copied unchanged, and the other P - n_elite children are bred by parent selection -> crossover (a merge of
 `n_parents` parents with probability `cross_rate`) -> mutation. The caller scores the children that `needs_score`
 marks; `tell` makes the children the new population (elites keep their fitness; nothing is re-scored that did not
-change), tracks the best individual ever seen, the fitness history and the early-stopping counter.
+change) and tracks the best individual ever seen and the generations since it last improved.
 
-    state = init(key, population, fitness, params)
-    while not done(state, params):
-        children, state = ask(generation_key(state), state, params)
-        fitness = score(children, needs_score(state))     # NaN where not scored
-        state = tell(state, children, fitness, params)
+    strategy = Genome(population_size=8)                    # or make_strategy("genome", ...)
+    params = strategy.default_params
+    state = strategy.init(key, population, fitness, params)
+    children, state = strategy.ask(key_ask, state, params)
+    fitness = score(children, strategy.needs_score(state))  # NaN where not scored
+    state, metrics = strategy.tell(key_tell, state, children, fitness, params)
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -23,9 +25,8 @@ from flax import struct
 from genome_jax.errors import UserError
 from genome_jax.operators import selection as selection_ops
 from genome_jax.strategies import common
-from genome_jax.strategies.common import StrategyParams
 
-__all__ = ["GenomeState", "init", "ask", "tell", "done", "generation_key", "num_children"]
+__all__ = ["Genome", "GenomeState"]
 
 
 @struct.dataclass
@@ -35,65 +36,72 @@ class GenomeState:
     best: common.Factors  # best individual ever seen (no population axis)
     best_fitness: jax.Array  # () float32
     child_source: jax.Array  # (P,) int32: >= 0 when child i is an unchanged copy of population[child_source[i]]
-    key: jax.Array  # (2,) uint32: the run's key; generation keys are fold_in(key, generation)
     generation: jax.Array  # () int32: completed generations
     stall: jax.Array  # () int32: generations since the best improved
-    history: jax.Array  # (max_generations + 1, 3) float32: best / mean / worst per generation (row 0 = initial)
+
+    POPULATION_FIELDS = ("population",)  # fields whose leaves carry the population axis (genome_jax.sharding)
 
 
-def num_children(params: StrategyParams) -> int:
-    return params.population_size
+@dataclasses.dataclass(frozen=True)
+class Genome(common.Strategy):
+    """GENOME: exactly `population_size` individuals; `n_elite` of them are copied each generation."""
 
+    name = "genome"
+    Params = common.Params
 
-def init(key, population, fitness, params: StrategyParams) -> GenomeState:
-    """population: pytree (P, ...) with P == params.population_size; fitness: (P,) its scores."""
-    n = common.population_size_of(population)
-    if n != params.population_size:
-        raise UserError(f"genome: the initial population has {n} individuals but population_size is {params.population_size}")
-    fitness = jnp.asarray(fitness, jnp.float32)
-    if fitness.shape != (n,):
-        raise UserError(f"genome: fitness has shape {fitness.shape}, expected ({n},)")
-    return _init(common.raw_key(key), population, fitness, params)
+    @property
+    def num_children(self) -> int:
+        return self.population_size
 
+    @property
+    def population_sizes(self) -> frozenset[int]:
+        return frozenset({self.population_size})
 
-@functools.partial(jax.jit, static_argnames=("params",))
-def _init(key, population, fitness, params):
-    b = selection_ops.descending_order(fitness)[0]
-    return GenomeState(
-        population=population,
-        fitness=fitness,
-        best=common.tree_index(population, b),
-        best_fitness=fitness[b],
-        child_source=jnp.full((params.population_size,), -1, jnp.int32),
-        key=key,
-        generation=jnp.zeros((), jnp.int32),
-        stall=jnp.zeros((), jnp.int32),
-        history=common.record_history(common.empty_history(params), 0, common.fitness_stats(fitness)),
-    )
+    def check_initial_size(self, n: int) -> None:
+        if n != self.population_size:
+            raise UserError(f"genome: the initial population has {n} individuals but population_size is "
+                            f"{self.population_size}")
 
+    @functools.partial(jax.jit, static_argnums=0)
+    def _init(self, population, fitness):
+        b = selection_ops.descending_order(fitness)[0]
+        return GenomeState(
+            population=population,
+            fitness=fitness,
+            best=common.tree_index(population, b),
+            best_fitness=fitness[b],
+            child_source=jnp.full((self.population_size,), -1, jnp.int32),
+            generation=jnp.zeros((), jnp.int32),
+            stall=jnp.zeros((), jnp.int32),
+        )
 
-def generation_key(state) -> jax.Array:
-    """The key for the next `ask`: a pure function of the state, so a resumed run draws the same numbers."""
-    return jax.random.fold_in(state.key, state.generation)
+    def ask(self, key, state: GenomeState, params):
+        """Returns (children (P, ...), state with child_source set).
 
+        A small jitted plan (elites, parents, weights, picks), then one jitted program per module (common.breed)."""
+        plan = self._ask_plan(key, state.fitness, state.generation, common.as_float32(params))
+        children, changed = common.breed(plan, state.population, self)
+        return children, state.replace(child_source=_child_source(plan, changed))
 
-def ask(key, state: GenomeState, params: StrategyParams):
-    """Returns (children (P, ...), state with child_source set).
+    @functools.partial(jax.jit, static_argnums=0)
+    def _ask_plan(self, key, fitness, generation, params):
+        p, n_elite = self.population_size, self.n_elite
+        plan = common.offspring_plan(key, fitness, p - n_elite, self, params, generation)
+        if n_elite:
+            plan["elites"] = selection_ops.elites(fitness, n_elite)
+        return plan
 
-    A small jitted plan (elites, parents, weights, picks), then one jitted program per module (common.breed)."""
-    plan = _ask_plan(key, state.fitness, state.generation, params)
-    children, changed = common.breed(plan, state.population, params)
-    return children, state.replace(child_source=_child_source(plan, changed))
-
-
-@functools.partial(jax.jit, static_argnames=("params",))
-def _ask_plan(key, fitness, generation, params):
-    p = params.population_size
-    n_elite = params.n_elite(p)
-    plan = common.offspring_plan(key, fitness, p - n_elite, params, generation)
-    if n_elite:
-        plan["elites"] = selection_ops.elites(fitness, n_elite)
-    return plan
+    def tell(self, key, state: GenomeState, children, fitness, params):
+        """children: (P, ...) from `ask`; fitness: (P,) (entries of unchanged copies are ignored). key: unused
+        (GENOME's tell draws nothing). Returns (state, metrics). A small jitted plan, then the best individual
+        copied module by module."""
+        s = _tell_plan(state.child_source, state.fitness, state.best_fitness, state.stall, state.generation,
+                       jnp.asarray(fitness, jnp.float32))
+        pick = lambda ch, old: common.pick_row(s["better"], s["b"], ch, old)  # noqa: E731
+        best = common.per_module(pick, common.module_names(children), children, state.best)
+        state = state.replace(population=children, fitness=s["f"], best=best, best_fitness=s["best_fitness"],
+                              generation=s["generation"], stall=s["stall"])
+        return state, {**self.metrics(state), "children": jnp.int32(self.population_size)}
 
 
 @jax.jit
@@ -102,28 +110,10 @@ def _child_source(plan, changed):
     return (jnp.concatenate([plan["elites"], bred]) if "elites" in plan else bred).astype(jnp.int32)
 
 
-def tell(state: GenomeState, children, fitness, params: StrategyParams) -> GenomeState:
-    """children: (P, ...) from `ask`; fitness: (P,) (entries of unchanged copies are ignored).
-    A small jitted plan, then the best individual copied module by module."""
-    s = _tell_plan(state.child_source, state.fitness, state.best_fitness, state.stall, state.history,
-                   state.generation, fitness)
-    pick = lambda ch, old: common.pick_row(s["better"], s["b"], ch, old)
-    best = common.per_module(pick, common.module_names(children), children, state.best)
-    return state.replace(population=children, fitness=s["f"], best=best, best_fitness=s["best_fitness"],
-                         generation=s["generation"], stall=s["stall"], history=s["history"])
-
-
 @jax.jit
-def _tell_plan(child_source, parent_fitness, best_fitness, stall, history, generation, fitness):
+def _tell_plan(child_source, parent_fitness, best_fitness, stall, generation, fitness):
     f = common.inherit_fitness(fitness, child_source, parent_fitness)
     b = selection_ops.descending_order(f)[0]
     better = common.improves(f[b], best_fitness)
-    gen = generation + 1
     return {"f": f, "b": b, "better": better, "best_fitness": jnp.where(better, f[b], best_fitness),
-            "generation": gen, "stall": jnp.where(better, 0, stall + 1),
-            "history": common.record_history(history, gen, common.fitness_stats(f))}
-
-
-def done(state, params: StrategyParams) -> bool:
-    """Early stopping: `patience` generations in a row without a better best (never when patience == 0)."""
-    return params.patience > 0 and int(state.stall) >= params.patience
+            "generation": generation + 1, "stall": jnp.where(better, 0, stall + 1)}

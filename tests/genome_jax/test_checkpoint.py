@@ -13,18 +13,18 @@ import pytest
 
 from genome_jax import checkpoint, synthetic
 from genome_jax.errors import UserError
-from genome_jax.strategies import StrategyParams, genome_plus
+from genome_jax.strategies import make_strategy
 
 EXPERTS = synthetic.synthetic_experts(0, n_experts=4, n_layers=1, d_model=16, rank=4)
-PARAMS = StrategyParams(population_size=4, max_population_size=6, max_generations=8)
-CONFIG = {"method": "genome_plus", "seed": 0, "params": PARAMS.to_dict()}
+STRATEGY, PARAMS = make_strategy("genome_plus", population_size=4, max_population_size=6)
+CONFIG = {"seed": 0, **STRATEGY.record(PARAMS)}
 
 
 def _state(gen: int):
     """A real GENOME+ state whose arrays depend on gen."""
     pop = jax.tree_util.tree_map(lambda a: a * (1.0 + gen), EXPERTS)
     fit = jnp.asarray([-1.0, -0.5, -0.25, -2.0]) + gen
-    s = genome_plus.init(jax.random.PRNGKey(gen), pop, fit, PARAMS)
+    s = STRATEGY.init(jax.random.PRNGKey(gen), pop, fit, PARAMS)
     return s.replace(generation=jnp.asarray(gen, jnp.int32))
 
 
@@ -53,7 +53,8 @@ def test_round_trip_is_bit_identical_and_keeps_the_last_few(tmp_path):
     assert r.step == 4 and r.skipped == ()
     _assert_same(r.state, _state(4))
     assert type(r.state) is type(_state(0))
-    assert json.loads((d / checkpoint.CONFIG_NAME).read_text()) == json.loads(json.dumps(CONFIG))
+    assert json.loads((d / checkpoint.CONFIG_NAME).read_text()) == {**json.loads(json.dumps(CONFIG)),
+                                                                      "state_format": checkpoint.STATE_FORMAT}
     assert not [p for p in os.listdir(d) if "tmp" in p]
 
 
@@ -84,6 +85,17 @@ def test_checkpoints_without_config_are_refused(tmp_path):
     (d / checkpoint.CONFIG_NAME).unlink()
     with pytest.raises(UserError, match="no run_config.json"):
         checkpoint.RunCheckpointer(d, CONFIG)
+
+
+def test_checkpoints_of_another_state_format_are_refused_in_one_line(tmp_path):
+    d = tmp_path / "ck"
+    _save_steps(d, [0])
+    path = d / checkpoint.CONFIG_NAME
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "state_format"}))
+    with pytest.raises(UserError) as e:
+        checkpoint.RunCheckpointer(d, CONFIG)
+    assert "state format 1" in str(e.value) and f"format {checkpoint.STATE_FORMAT}" in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 def test_config_differences_flattens_nested_keys():

@@ -16,14 +16,14 @@ import pytest
 GENERATIONS = 9
 PARAMS = dict(population_size=6, max_population_size=8, n_offspring=3, cross="linear", combine="linear",
               selection="tournament", sigma=0.02, individual_mutation_rate=0.8, gene_mutation_rate=0.5,
-              elite_percent=0.2, max_generations=12)
+              elite_percent=0.2)
 
 CHILD = textwrap.dedent(
     """
     import json, os, signal, sys
     import jax, numpy as np
     from genome_jax import checkpoint, synthetic
-    from genome_jax.strategies import StrategyParams, get_strategy
+    from genome_jax.strategies import get_strategy, make_strategy
 
     out, method, kill = sys.argv[1], sys.argv[2], sys.argv[3]
     phase, at = (kill.split(":")[0], int(kill.split(":")[1])) if ":" in kill else (kill, -1)
@@ -39,21 +39,21 @@ CHILD = textwrap.dedent(
                 die()  # "save": orbax is still writing <step>.orbax-checkpoint-tmp in the background
         checkpoint.RunCheckpointer.save = save
     if phase == "ask":  # between ask and tell
-        strategy = get_strategy(method)
-        original_ask = strategy.ask
-        def ask(key, state, params):
-            out_ = original_ask(key, state, params)
+        cls = get_strategy(method)
+        original_ask = cls.ask
+        def ask(self, key, state, params):
+            out_ = original_ask(self, key, state, params)
             if int(state.generation) == at:
                 die()
             return out_
-        strategy.ask = ask
+        cls.ask = ask
 
-    def on_generation(g, state):
+    def on_generation(g, state, metrics):
         print("GEN", g, flush=True)
 
     experts = synthetic.synthetic_experts(2, n_experts=3, n_layers=2, d_model=16, rank=4)
-    params = StrategyParams(**json.loads({params!r}))
-    r = synthetic.run_synthetic(out, params, seed=11, generations={generations}, experts=experts, method=method,
+    strategy, params = make_strategy(method, **json.loads({params!r}))
+    r = synthetic.run_synthetic(out, strategy, params, seed=11, generations={generations}, experts=experts,
                                 on_generation=on_generation)
     leaves = jax.tree_util.tree_flatten_with_path(r.state)[0]
     arrays = {{"state" + jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}}

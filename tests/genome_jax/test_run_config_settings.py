@@ -19,7 +19,8 @@ from genome_jax.run_config import (
     strategy_params,
     strategy_settings,
 )
-from genome_jax.strategies import StrategyParams
+from genome_jax.strategies import SETTINGS as STRATEGY_SETTINGS
+from genome_jax.strategies import make_strategy
 
 REAL = {"tasks": ("arc_c",), "lora_dir": "."}  # a real task needs an expert folder (any folder passes here)
 
@@ -162,37 +163,51 @@ def test_aliases_in_config_files(tmp_path, alias, value, name, expected):
 
 
 def test_table_defaults_are_the_strategy_defaults():
-    """The table's defaults of strategy settings equal StrategyParams' (and MergeConfig's density)."""
-    fields = {f.name: f.default for f in dataclasses.fields(StrategyParams)}
+    """The table's defaults of strategy settings equal make_strategy's (and MergeConfig's density)."""
     for s in settings.SETTINGS:
         if s.to != "strategy":
             continue
         merge, _, sub = s.target.partition(".")
-        assert s.default == (getattr(MergeConfig, sub) if sub else fields[merge]), s.name
-    # strategy_settings gives exactly StrategyParams' fields but the loop's (max_generations, patience)
+        assert s.default == (getattr(MergeConfig, sub) if sub else STRATEGY_SETTINGS[merge]), s.name
+    # strategy_settings gives exactly make_strategy's keywords (max_iter and early_stop_iter are the loop's)
     cfg = load_run_config({"tasks": ("synthetic",)})
-    assert set(strategy_settings(cfg)) == set(fields) - {"max_generations", "patience"}
-    assert strategy_params(cfg) == StrategyParams(patience=0, max_generations=cfg.max_iter)
+    assert set(strategy_settings(cfg)) == set(STRATEGY_SETTINGS)
+    strategy, params = strategy_params(cfg)
+    default, default_params = make_strategy("genome")
+    assert strategy == default and params.to_dict() == default_params.to_dict()
 
 
-@pytest.mark.parametrize("s", [s for s in settings.SETTINGS if s.to != "config"], ids=lambda s: s.name)
-def test_each_strategy_and_loop_setting_reaches_strategy_params(s):
+@pytest.mark.parametrize("s", [s for s in settings.SETTINGS if s.to == "strategy"], ids=lambda s: s.name)
+def test_each_strategy_setting_reaches_the_strategy(s):
     value, context = EXAMPLES[s.name]
-    params = strategy_params(load_run_config({"tasks": ("synthetic",), **context, s.name: value}))
-    target = {"max_iter": "max_generations", "early_stop_iter": "patience"}.get(s.name, s.target)
-    merge, _, sub = target.partition(".")
-    got = getattr(getattr(params, merge), sub) if sub else getattr(params, merge)
-    if s.name in ("combine_method", "cross_method"):  # the merge of that name, as the strategy reads it
-        got = getattr(params, f"{merge}_config").method
+    # GENOME+ takes every strategy setting (GENOME ignores the swarm's and the growing population's)
+    strategy, params = strategy_params(load_run_config({"tasks": ("synthetic",), "method": "genome_plus", **context,
+                                                        s.name: value}))
+    merge, _, sub = s.target.partition(".")
+    if sub:  # a merge's sub-setting: a field of that MergeConfig
+        got = getattr(getattr(strategy, merge), sub)
+    elif s.name in ("combine_method", "cross_method"):  # the merge of that name, as the strategy reads it
+        got = getattr(strategy, merge).method
+    elif merge in params.to_dict():  # a plain number: in Params (float32; recorded as its shortest decimal)
+        got = params.to_dict()[merge]
+    else:
+        got = getattr(strategy, merge)
     assert got == value, (s.name, got)
+
+
+def test_loop_settings_do_not_reach_the_strategy():
+    cfg = load_run_config({"tasks": ("synthetic",), "max_iter": 7, "early_stop_iter": 3})
+    assert {s.name for s in settings.SETTINGS if s.to == "loop"} == {"max_iter", "early_stop_iter"}
+    assert strategy_params(cfg)[0] == strategy_params(load_run_config({"tasks": ("synthetic",)}))[0]
 
 
 def test_merge_density_makes_a_merge_config_with_the_strategy_normalisation():
     cfg = load_run_config({"tasks": ("synthetic",), "cross_method": "dare_ties", "cross_density": 0.5})
-    p = strategy_params(cfg)
-    assert p.cross == MergeConfig(method="dare_ties", density=0.5, normalize="weight")
-    assert p.combine == "ties"  # at the default density the name stays: the same merge (StrategyParams reads it so)
-    assert p.combine_config == MergeConfig(method="ties", density=MergeConfig.density, normalize="weight")
+    strategy, _ = strategy_params(cfg)
+    assert strategy.cross == MergeConfig(method="dare_ties", density=0.5, normalize="weight")
+    # at the default density the name stays, and the strategy reads it as the same merge
+    assert strategy_settings(cfg)["combine"] == "ties"
+    assert strategy.combine == MergeConfig(method="ties", density=MergeConfig.density, normalize="weight")
 
 
 def test_resume_may_change_exactly_the_marked_settings():

@@ -8,7 +8,7 @@ import pytest
 
 from genome_jax import synthetic
 from genome_jax.errors import UserError
-from genome_jax.strategies import StrategyParams
+from genome_jax.strategies import make_strategy
 
 EXPERTS = synthetic.synthetic_experts(3, n_experts=3, n_layers=2, d_model=16, rank=4, modules=("q_proj", "down_proj"))
 
@@ -59,9 +59,9 @@ def test_problem_checks_coefficients():
     assert c.shape == (3,) and abs(c.sum() - 1) < 1e-6 and np.all(c > 0)
 
 
-PARAMS = StrategyParams(population_size=6, max_population_size=8, n_offspring=3, cross="linear", combine="linear",
-                        selection="tournament", sigma=0.02, individual_mutation_rate=0.8, gene_mutation_rate=0.5,
-                        elite_percent=0.2, max_generations=10)
+SETTINGS = dict(population_size=6, max_population_size=8, n_offspring=3, cross="linear", combine="linear",
+                selection="tournament", sigma=0.02, individual_mutation_rate=0.8, gene_mutation_rate=0.5,
+                elite_percent=0.2)
 
 
 def _tree_bytes(t):
@@ -70,29 +70,46 @@ def _tree_bytes(t):
 
 @pytest.mark.parametrize("method", ["genome", "genome_plus"])
 def test_driver_resumes_to_the_same_result(tmp_path, method):
-    full = synthetic.run_synthetic(tmp_path / "full", PARAMS, seed=5, generations=6, experts=EXPERTS, method=method)
+    strategy, params = make_strategy(method, **SETTINGS)
+    run = lambda out, g: synthetic.run_synthetic(tmp_path / out, strategy, params, seed=5, generations=g,  # noqa: E731
+                                                 experts=EXPERTS)
+    full = run("full", 6)
     assert full.generations == 6 and full.resumed_from is None
-    assert full.best_fitness >= float(full.state.history[0, 0])
-    part = synthetic.run_synthetic(tmp_path / "part", PARAMS, seed=5, generations=3, experts=EXPERTS, method=method)
+    assert [h["generation"] for h in full.history] == list(range(7))  # one metrics record per generation
+    assert full.best_fitness == max(h["best"] for h in full.history) == full.history[-1]["best_ever"]
+    part = run("part", 3)
     assert part.generations == 3
-    rest = synthetic.run_synthetic(tmp_path / "part", PARAMS, seed=5, generations=6, experts=EXPERTS, method=method)
+    rest = run("part", 6)
     assert rest.resumed_from == 3 and rest.generations == 6
     assert _tree_bytes(rest.state) == _tree_bytes(full.state)
     assert _tree_bytes(rest.best) == _tree_bytes(full.best)
+    assert rest.history == [{**h, "time_s": r["time_s"]} for h, r in zip(full.history[4:], rest.history)]
     # empty slots are never scored; in GENOME the elites are not re-scored either
-    from genome_jax.strategies import get_strategy
-
-    n_children = 3 * get_strategy(method).num_children(PARAMS)
+    n_children = 3 * strategy.num_children
     assert rest.evaluations < n_children if method == "genome" else rest.evaluations <= n_children
+    assert rest.evaluations == sum(h["scored"] for h in rest.history)
     # finished: running again does nothing and changes nothing
-    again = synthetic.run_synthetic(tmp_path / "part", PARAMS, seed=5, generations=6, experts=EXPERTS, method=method)
+    again = run("part", 6)
     assert again.evaluations == 0 and _tree_bytes(again.state) == _tree_bytes(full.state)
 
 
 def test_driver_refuses_a_different_config(tmp_path):
-    synthetic.run_synthetic(tmp_path / "r", PARAMS, seed=5, generations=1, experts=EXPERTS)
+    strategy, params = make_strategy("genome", **SETTINGS)
+    synthetic.run_synthetic(tmp_path / "r", strategy, params, seed=5, generations=1, experts=EXPERTS)
     with pytest.raises(UserError, match=r"params\.sigma: 0\.02 -> 0\.03"):
-        synthetic.run_synthetic(tmp_path / "r", StrategyParams(**{**PARAMS.__dict__, "sigma": 0.03}), seed=5,
-                                generations=2, experts=EXPERTS)
+        synthetic.run_synthetic(tmp_path / "r", strategy, params.replace(sigma=0.03), seed=5, generations=2,
+                                experts=EXPERTS)
     with pytest.raises(UserError, match="seed: 5 -> 6"):
-        synthetic.run_synthetic(tmp_path / "r", PARAMS, seed=6, generations=2, experts=EXPERTS)
+        synthetic.run_synthetic(tmp_path / "r", strategy, params, seed=6, generations=2, experts=EXPERTS)
+
+
+def test_early_stopping_is_a_setting_of_the_loop(tmp_path):
+    """patience: the loop stops after that many generations without a better best; it is not part of the run's
+    identity, and no variation at all (rates 0) never improves."""
+    strategy, params = make_strategy("genome", **{**SETTINGS, "cross_rate": 0.0, "individual_mutation_rate": 0.0})
+    run = synthetic.run_synthetic(tmp_path / "p", strategy, params, seed=5, generations=10, patience=2,
+                                  experts=EXPERTS)
+    assert run.generations == 2 and int(run.state.stall) == 2 and run.evaluations == 6  # generation 0 only
+    more = synthetic.run_synthetic(tmp_path / "p", strategy, params, seed=5, generations=10, patience=4,
+                                   experts=EXPERTS)
+    assert more.resumed_from == 2 and more.generations == 4

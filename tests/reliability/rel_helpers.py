@@ -41,22 +41,9 @@ def describe(p: subprocess.CompletedProcess) -> str:
 # ------------------------------------------------------------------------------------------------ run folders
 def final_state(out: Path):
     """The newest intact checkpointed strategy state of a run folder (genome_jax.checkpoint.Restored)."""
-    import jax
-    import jax.numpy as jnp
+    from scripts.run_loop import saved_state
 
-    from genome_jax.checkpoint import restore_latest
-    from genome_jax.run_config import run_config_from_dict, strategy_params
-    from genome_jax.strategies import get_strategy
-
-    from scripts.run_loop import _load_experts
-
-    cfg = run_config_from_dict(json.loads((out / "run_config.json").read_text()), "saved")
-    params = strategy_params(cfg)
-    experts = _load_experts(cfg).factors  # the run's own parents: synthetic ones, or its --lora_dir
-    n0 = params.population_size
-    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros((n0,) + a.shape[1:], a.dtype), experts)
-    template = get_strategy(cfg.method).init(jax.random.PRNGKey(0), zeros, jnp.zeros((n0,), jnp.float32), params)
-    return restore_latest(out / "checkpoints", template)
+    return saved_state(out)
 
 
 def state_leaves(state) -> list[tuple[str, np.ndarray]]:

@@ -141,11 +141,13 @@ def test_operator_settings_reach_the_strategy_of_a_run(tmp_path, capsys):
             "--cross_weights", "equal", "--quiet", "--output_dir", str(out)]
     rc, _, stderr = run_cli(argv, capsys)
     assert rc == 0, stderr
-    params = json.loads((out / "checkpoints" / "run_config.json").read_text())["params"]
+    identity = json.loads((out / "checkpoints" / "run_config.json").read_text())
+    params, strategy = identity["params"], identity["strategy"]  # the numbers (Params) and the structure
     assert (params["inertia"], params["cognitive"], params["social"], params["repel"]) == (0.7, 0.2, 0.6, 0.05)
     assert (params["step_size"], params["step_size_decay"], params["sigma_decay"]) == (0.5, 0.9, 0.8)
-    assert (params["selection"], params["tournament_size"], params["survivor_selection"]) == ("tournament", 2, "rank")
-    assert params["cross_weights"] == "equal" and params["combine"] == "linear"
-    assert params["cross"]["__merge__"]["method"] == "ties" and params["cross"]["__merge__"]["density"] == 0.5
+    assert (strategy["selection"], strategy["tournament_size"], strategy["survivor_selection"]) == \
+        ("tournament", 2, "rank")
+    assert strategy["cross_weights"] == "equal" and strategy["combine"]["__merge__"]["method"] == "linear"
+    assert strategy["cross"]["__merge__"]["method"] == "ties" and strategy["cross"]["__merge__"]["density"] == 0.5
     saved = json.loads((out / "run_config.json").read_text())
     assert (saved["inertia"], saved["selection"], saved["cross_density"]) == (0.7, "tournament", 0.5)

@@ -32,23 +32,11 @@ def _main(argv: list[str], capsys=None) -> int:
     return rc
 
 
-def _final_state(out: Path, method: str = "genome"):
+def _final_state(out: Path):
     """The last checkpointed strategy state of a run folder, restored through genome_jax.checkpoint."""
-    import jax
-    import jax.numpy as jnp
+    from scripts.run_loop import saved_state
 
-    from genome_jax import synthetic
-    from genome_jax.checkpoint import restore_latest
-    from genome_jax.run_config import run_config_from_dict, strategy_params
-    from genome_jax.strategies import get_strategy
-
-    cfg = run_config_from_dict(json.loads((out / "run_config.json").read_text()), "saved")
-    params = strategy_params(cfg)
-    experts = synthetic.synthetic_experts(cfg.seed)
-    n0 = params.population_size
-    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros((n0,) + a.shape[1:], a.dtype), experts)
-    template = get_strategy(method).init(jax.random.PRNGKey(0), zeros, jnp.zeros((n0,), jnp.float32), params)
-    return restore_latest(out / "checkpoints", template)
+    return saved_state(out)
 
 
 def _leaves(state):
@@ -96,14 +84,14 @@ def test_run_writes_every_report(finished_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_metrics_agree_with_the_checkpointed_history(finished_run):
+def test_metrics_agree_with_the_checkpointed_state(finished_run):
     restored = _final_state(finished_run)
     assert restored.step == 12
-    hist = np.asarray(restored.state.history)  # (max_generations + 1, 3): best, mean, worst per generation
-    cols = _fitness_columns(finished_run)
-    np.testing.assert_allclose(hist[:, 0], [c[1] for c in cols], rtol=1e-6)
-    np.testing.assert_allclose(hist[:, 1], [c[2] for c in cols], rtol=1e-5)
-    np.testing.assert_allclose(hist[:, 2], [c[3] for c in cols], rtol=1e-6)
+    f = np.asarray(restored.state.fitness, np.float64)
+    last = _fitness_columns(finished_run)[-1]
+    assert last[0] == 12
+    np.testing.assert_allclose(last[1:4], [f.max(), f.mean(), f.min()], rtol=1e-6)
+    assert last[4] == pytest.approx(float(restored.state.best_fitness), abs=1e-7)
 
 
 def test_best_adapter_scores_what_the_run_reported(finished_run):
@@ -124,13 +112,14 @@ def test_best_adapter_scores_what_the_run_reported(finished_run):
 
 
 def test_cli_equals_the_strategy_driver(finished_run, tmp_path):
-    """Flags -> StrategyParams -> ask/score/tell through `genome run` gives the same final state as
+    """Flags -> (strategy, params) -> evolve through `genome run` gives the same final state as
     genome_jax.synthetic.run_synthetic driving the same strategy directly."""
     from genome_jax.run_config import run_config_from_dict, strategy_params
     from genome_jax.synthetic import run_synthetic
 
     cfg = run_config_from_dict(json.loads((finished_run / "run_config.json").read_text()), "saved")
-    ref = run_synthetic(tmp_path / "driver", strategy_params(cfg), seed=7, generations=12, method="genome")
+    strategy, params = strategy_params(cfg)
+    ref = run_synthetic(tmp_path / "driver", strategy, params, seed=7, generations=12)
     mine = _final_state(finished_run).state
     assert float(mine.best_fitness) == float(ref.best_fitness)
     for a, b in zip(_leaves(mine), _leaves(ref.state)):
@@ -229,3 +218,33 @@ def test_genome_plus_and_resume_flag(tmp_path, capsys):
     # --resume DIR reads the saved config; a finished run just reports again
     assert cli.main(["run", "--resume", str(out), "--quiet"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_resume_with_a_larger_max_iter_extends_a_finished_run(finished_run, tmp_path, capsys):
+    """max_iter is not part of the identity: a finished 6-generation run, resumed with --max_iter 12, ends exactly
+    where the uninterrupted 12-generation run ended (state, metrics lines, best adapter)."""
+    out = tmp_path / "short"
+    assert _main([*BASE, "--max_iter", "6", "--output_dir", str(out)], capsys) == 0
+    assert json.loads((out / "result.json").read_text())["generations"] == 6
+    assert cli.main(["run", "--resume", str(out), "--max_iter", "12", "--quiet"]) == 0
+    capsys.readouterr()
+    a, b = _final_state(finished_run), _final_state(out)
+    assert a.step == b.step == 12
+    for x, y in zip(_leaves(a.state), _leaves(b.state)):
+        np.testing.assert_array_equal(x, y)
+    assert _fitness_columns(out) == _fitness_columns(finished_run)
+    result = json.loads((out / "result.json").read_text())
+    assert result["generations"] == 12 and result["resumed_from"] == 6
+
+
+def test_checkpoints_of_an_old_state_format_are_refused(finished_run, tmp_path, capsys):
+    """Checkpoints written before the state format was recorded (format 1: key and history inside the state)."""
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(finished_run, out)
+    ident = out / "checkpoints" / "run_config.json"
+    ident.write_text(json.dumps({k: v for k, v in json.loads(ident.read_text()).items() if k != "state_format"}))
+    rc = cli.main(["run", *BASE, "--max_iter", "12", "--output_dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "state format 1" in err[0] and "format 2" in err[0], err

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from genome_jax.operators.merge import METHODS, SPACES, MergeConfig, crossover
-from genome_jax.strategies import StrategyParams
+from genome_jax.strategies import make_strategy
 from genome_jax.strategies.common import make_offspring
 
 R, D_IN, D_OUT = 4, 40, 24
@@ -93,21 +93,22 @@ def test_peft_count_normalisation_shrinks_a_self_merge(space, shrink):
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
 def test_engine_crossover_of_identical_parents_does_not_shrink(method):
-    """The strategies' crossover (a method name in StrategyParams, engine defaults: density 0.2) on a population of
+    """The strategies' crossover (a method name given to make_strategy, engine defaults: density 0.2) on a population of
     copies of one individual: each surviving entry of a child keeps the parent's value (DARE: divided by the density,
     its rescaling); entries are trimmed or dropped, never shrunk by the number of parents."""
     one = _factors(P=1, seed=3)
     pop = jax.tree_util.tree_map(lambda a: np.repeat(a, 6, axis=0), one)
-    params = StrategyParams(population_size=6, cross=method, cross_rate=1.0, individual_mutation_rate=0.0,
-                            n_parents=2)
-    assert params.cross_config.normalize == "weight"
-    children, _, _ = make_offspring(jax.random.key(5, impl="rbg"), pop, np.zeros(6, np.float32), 6, params, 0)
+    strategy, params = make_strategy("genome", population_size=6, cross=method, cross_rate=1.0,
+                                     individual_mutation_rate=0.0, n_parents=2)
+    assert strategy.cross.normalize == "weight"
+    children, _, _ = make_offspring(jax.random.key(5, impl="rbg"), pop, np.zeros(6, np.float32), 6, strategy, params,
+                                    0)
     for (path, leaf), kid in zip(one.items(), (children[p] for p in one)):
         for name in ("A", "B"):
             parent, got = leaf[name][0], np.asarray(kid[name])
             kept = got != 0
             assert kept.any(), f"{method} {path}.{name}: everything trimmed"
-            want = np.broadcast_to(parent, got.shape) / (params.cross_config.density if method == "dare_ties" else 1)
+            want = np.broadcast_to(parent, got.shape) / (strategy.cross.density if method == "dare_ties" else 1)
             np.testing.assert_allclose(got[kept], want[kept], rtol=1e-6, err_msg=f"{method} {path}.{name}")
 
 

@@ -142,7 +142,9 @@ def test_elites_and_order():
     f = jnp.asarray([0.5, np.nan, 0.9, 0.5, -np.inf, 0.9, -1.0])
     np.testing.assert_array_equal(np.asarray(sel.elites(f, 4)), [2, 5, 0, 3])  # ties by index
     np.testing.assert_array_equal(np.asarray(sel.descending_order(f))[-2:], [1, 4])  # non-finite last
+    # the strategies' one elite-count rule: ceil, so any positive percentage keeps at least one elite
     assert sel.n_elites(10, 0.1) == 1 and sel.n_elites(10, 0.25) == 3 and sel.n_elites(10, 0.0) == 0
+    assert sel.n_elites(10, 0.02) == 1 and sel.n_elites(8, 0.25) == 2 and sel.n_elites(3, 0.34) == 2
 
 
 @pytest.mark.parametrize("method", sel.SURVIVOR_METHODS)

@@ -52,12 +52,35 @@ def test_succession_matches_numpy(jit):
             np.testing.assert_allclose(np.asarray(vn[m][name]), ev, rtol=1e-5, atol=1e-5)
 
 
-def test_coefficients_are_redrawn_per_particle_and_step():
+def test_coefficients_are_redrawn_per_particle():
     r1 = np.asarray(succession_coefficients(jax.random.PRNGKey(0), 50))
-    r2 = np.asarray(succession_coefficients(jax.random.PRNGKey(1), 50))
-    assert len(np.unique(r1[2])) == 50  # per particle
-    assert not np.allclose(r1, r2)  # per step (new key)
+    assert r1.shape == (4, 50) and len(np.unique(r1[2])) == 50  # per particle
     assert abs(r1.mean() - 0.5) < 0.1
+
+
+def test_genome_plus_redraws_the_coefficients_every_generation():
+    """Per step, as GENOME+ runs it: the same swarm asked with the keys the loop (genome_jax.evolve) gives two
+    consecutive generations moves with other coefficients (other velocities), and with one generation's key twice,
+    identically. Fails if the loop reused a generation's key or the strategy drew its coefficients elsewhere."""
+    from genome_jax import synthetic
+    from genome_jax.evolve import generation_keys
+    from genome_jax.strategies import make_strategy
+
+    experts = synthetic.synthetic_experts(0, n_experts=4, n_layers=1, d_model=8, rank=2)
+    strategy, params = make_strategy("genome_plus", population_size=4, cross="linear", combine="linear",
+                                     individual_mutation_rate=0.0, step_size_decay=1.0)
+    pop = strategy.initial_population(jax.random.PRNGKey(0), experts)
+    state = strategy.init(None, pop, jnp.asarray([0.1, 0.4, 0.2, 0.3]), params)
+    run_key = jax.random.PRNGKey(7)
+
+    def velocity(generation):
+        _, asked = strategy.ask(generation_keys(run_key, generation)[0], state, params)
+        return np.concatenate([np.asarray(x)[:4].ravel() for x in jax.tree_util.tree_leaves(asked.velocity)])
+
+    v0, v1 = velocity(0), velocity(1)
+    assert np.abs(v0).max() > 0  # the particles do move
+    np.testing.assert_array_equal(v0, velocity(0))
+    assert not np.allclose(v0, v1)
 
 
 def test_swarm_at_rest_on_the_best_only_feels_the_repel_term():

@@ -1,5 +1,7 @@
-"""GENOME strategy: params validation, ask/tell bookkeeping (elites, copies, best, history), search progress."""
+"""GENOME strategy: settings validation, ask/tell bookkeeping (elites, copies, best, metrics), search progress."""
 from __future__ import annotations
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -8,32 +10,35 @@ import pytest
 
 from genome_jax import synthetic
 from genome_jax.errors import UserError
-from genome_jax.strategies import StrategyParams, genome, get_strategy, initial_population, needs_score
+from genome_jax.evolve import generation_keys
+from genome_jax.strategies import Genome, get_strategy, initial_population, make_strategy
 
 EXPERTS = synthetic.synthetic_experts(0, n_experts=4, n_layers=2, d_model=16, rank=4)
 PROBLEM = synthetic.make_problem(EXPERTS, coeffs=[0.25, 0.25, 0.25, 0.25])
-PARAMS = StrategyParams(population_size=8, cross="linear", combine="linear", selection="tournament",
-                        sigma=0.02, individual_mutation_rate=0.8, gene_mutation_rate=0.5, elite_percent=0.25,
-                        max_generations=20)
+SETTINGS = dict(population_size=8, cross="linear", combine="linear", selection="tournament", sigma=0.02,
+                individual_mutation_rate=0.8, gene_mutation_rate=0.5, elite_percent=0.25)
+STRATEGY, PARAMS = make_strategy("genome", **SETTINGS)
+RUN_KEY = jax.random.PRNGKey(99)
 
 
 def _leaves(t):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(t)]
 
 
-def _start(params=PARAMS, seed=0):
-    pop = initial_population(jax.random.PRNGKey(seed), EXPERTS, params=params)
+def _start(strategy=STRATEGY, params=PARAMS, seed=0):
+    pop = strategy.initial_population(jax.random.PRNGKey(seed), EXPERTS)
     fit = synthetic.score(PROBLEM, pop)
-    return genome.init(jax.random.PRNGKey(seed + 1), pop, fit, params)
+    return strategy.init(jax.random.PRNGKey(seed + 1), pop, fit, params)
 
 
-def _generation(state, params=PARAMS, strategy=genome, drop=None):
-    children, state = strategy.ask(strategy.generation_key(state), state, params)
-    need = needs_score(state)
+def _generation(state, strategy=STRATEGY, params=PARAMS, drop=None):
+    k_ask, k_tell = generation_keys(RUN_KEY, int(state.generation))
+    children, state = strategy.ask(k_ask, state, params)
+    need = strategy.needs_score(state)
     fit = jnp.where(need, synthetic.score(PROBLEM, children), jnp.nan)
     if drop is not None:
         fit = fit.at[drop].set(jnp.nan)
-    return children, state, fit, strategy.tell(state, children, fit, params)
+    return children, state, fit, strategy.tell(k_tell, state, children, fit, params)[0]
 
 
 @pytest.mark.parametrize("kw,culprit", [
@@ -49,28 +54,32 @@ def _generation(state, params=PARAMS, strategy=genome, drop=None):
     (dict(sigma=-1.0), "sigma"),
     (dict(rank_pressure=3.0), "rank_pressure"),
     (dict(tournament_size=0), "tournament_size"),
-    (dict(patience=-1), "patience"),
+    (dict(sigma_decay=0.0), "sigma_decay"),
+    (dict(max_generations=3), "max_generations"),  # the loop's max_iter now: not a strategy setting
     (dict(cross=3), "cross"),
     (dict(cross="frobnicate"), "cross"),
     (dict(combine="ties_plus"), "combine"),
 ])
 def test_params_validation_names_the_culprit(kw, culprit):
     with pytest.raises(UserError, match=f"'{culprit}'"):
-        StrategyParams(**kw)
+        make_strategy("genome", **kw)
 
 
-def test_params_are_hashable_and_recordable():
-    assert hash(PARAMS) == hash(StrategyParams(**{f: getattr(PARAMS, f) for f in PARAMS.__dataclass_fields__}))
-    d = PARAMS.to_dict()
-    assert d["population_size"] == 8 and d["cross"] == "linear"
-    with pytest.raises(UserError, match="sigma"):
-        StrategyParams(sigma=lambda step: 0.1).to_dict()
+def test_strategies_are_hashable_and_recordable():
+    assert STRATEGY == Genome(**{k: v for k, v in SETTINGS.items() if k not in PARAMS.to_dict()})
+    assert hash(STRATEGY) == hash(make_strategy("genome", **SETTINGS)[0])
+    assert STRATEGY.cross.method == "linear" and STRATEGY.cross.normalize == "weight"
+    d = json.loads(json.dumps(STRATEGY.record(PARAMS)))
+    assert d["strategy"]["population_size"] == 8 and d["strategy"]["cross"]["__merge__"]["method"] == "linear"
+    assert d["params"]["sigma"] == 0.02 and "max_generations" not in d["params"] and "patience" not in d["params"]
+    assert len(jax.tree_util.tree_leaves(PARAMS)) == 7  # the numbers are pytree leaves, traced by jit
+    assert STRATEGY.default_params.to_dict()["cross_rate"] == 0.8
     with pytest.raises(UserError, match="unknown method"):
         get_strategy("genome_minus")
 
 
 def test_initial_population_pairs_distinct_experts_with_random_weights():
-    pop = initial_population(jax.random.PRNGKey(3), EXPERTS, 6, params=PARAMS)
+    pop = initial_population(jax.random.PRNGKey(3), EXPERTS, 6, merge_config=STRATEGY.combine)
     # each individual's factors mix exactly two distinct experts with positive weights
     a_ind = np.asarray(pop["model.layers.0.self_attn.q_proj"]["A"]).reshape(6, -1)
     a_exp = np.asarray(EXPERTS["model.layers.0.self_attn.q_proj"]["A"]).reshape(4, -1)
@@ -78,30 +87,30 @@ def test_initial_population_pairs_distinct_experts_with_random_weights():
         coef, *_ = np.linalg.lstsq(a_exp.T, x, rcond=None)
         nz = np.flatnonzero(np.abs(coef) > 1e-4)
         assert len(nz) == 2 and np.all(coef[nz] > 0), coef
-    same = initial_population(jax.random.PRNGKey(3), EXPERTS, 4, params=PARAMS, init_merge=False)
+    same = initial_population(jax.random.PRNGKey(3), EXPERTS, 4, init_merge=False)
     for x, y in zip(_leaves(same), _leaves(EXPERTS)):
         np.testing.assert_array_equal(x, y)
-    with pytest.raises(UserError, match="init_merge=False keeps all"):
-        initial_population(jax.random.PRNGKey(3), EXPERTS, 3, params=PARAMS, init_merge=False)
+    with pytest.raises(UserError, match="init_merge=False keeps all 4 experts"):
+        initial_population(jax.random.PRNGKey(3), EXPERTS, 3, init_merge=False)
 
 
 def test_init_refuses_wrong_sizes():
-    pop = initial_population(jax.random.PRNGKey(0), EXPERTS, 5, params=PARAMS)
+    pop = initial_population(jax.random.PRNGKey(0), EXPERTS, 5)
     with pytest.raises(UserError, match="population_size"):
-        genome.init(jax.random.PRNGKey(0), pop, jnp.zeros(5), PARAMS)
+        STRATEGY.init(jax.random.PRNGKey(0), pop, jnp.zeros(5), PARAMS)
 
 
 def test_elites_are_exact_copies_and_not_rescored():
     state = _start()
     children, asked, fit, told = _generation(state)
-    n_elite = PARAMS.n_elite(8)
+    n_elite = STRATEGY.n_elite
     assert n_elite == 2
     top = np.argsort(-np.asarray(state.fitness), kind="stable")[:n_elite]
     src = np.asarray(asked.child_source)
     np.testing.assert_array_equal(src[:n_elite], top)
     for c, p in zip(_leaves(children), _leaves(state.population)):
         np.testing.assert_array_equal(c[:n_elite], p[top])
-    need = np.asarray(needs_score(asked))
+    need = np.asarray(STRATEGY.needs_score(asked))
     assert not need[:n_elite].any() and need[n_elite:].any()
     # copies inherit their source's fitness (they were passed NaN)
     np.testing.assert_array_equal(np.asarray(told.fitness)[src >= 0], np.asarray(state.fitness)[src[src >= 0]])
@@ -112,15 +121,13 @@ def test_elites_are_exact_copies_and_not_rescored():
             np.testing.assert_array_equal(c[i], p[src[i]])
 
 
-def test_no_variation_means_all_copies_and_early_stop():
-    params = StrategyParams(population_size=8, cross="linear", combine="linear", cross_rate=0.0,
-                            individual_mutation_rate=0.0, elite_percent=0.25, patience=2, max_generations=5)
-    state = _start(params)
+def test_no_variation_means_all_copies_and_a_stall():
+    strategy, params = make_strategy("genome", **{**SETTINGS, "cross_rate": 0.0, "individual_mutation_rate": 0.0})
+    state = _start(strategy, params)
     for g in range(2):
-        assert not genome.done(state, params)
-        _, asked, _, state = _generation(state, params)
-        assert not np.any(np.asarray(needs_score(asked)))
-    assert int(state.stall) == 2 and genome.done(state, params)
+        _, asked, _, state = _generation(state, strategy, params)
+        assert not np.any(np.asarray(strategy.needs_score(asked)))
+    assert int(state.stall) == 2 and strategy.metrics(state)["stall"] == 2
 
 
 def test_nan_fitness_never_becomes_best_or_elite():
@@ -133,17 +140,21 @@ def test_nan_fitness_never_becomes_best_or_elite():
     assert np.all(np.isfinite(np.asarray(told.fitness)[src]))
 
 
-def test_best_is_monotone_and_history_is_recorded():
+def test_best_is_the_best_fitness_ever_scored_and_metrics_say_so():
+    """best_fitness is the maximum over every fitness scored so far (the initial population and each generation's
+    new children), including generations whose own population is worse; the stored best individual scores it."""
     state = _start()
-    bests = [float(state.best_fitness)]
-    for _ in range(3):
-        _, _, _, state = _generation(state)
-        bests.append(float(state.best_fitness))
-    assert bests == sorted(bests)
-    h = np.asarray(state.history)
-    assert np.all(np.isfinite(h[:4])) and np.all(np.isnan(h[4:]))
-    np.testing.assert_allclose(h[3], [np.max(np.asarray(state.fitness)), np.mean(np.asarray(state.fitness)),
-                                      np.min(np.asarray(state.fitness))], rtol=1e-6)
+    seen = list(np.asarray(state.fitness))
+    drops = [None, np.arange(8), None, None]  # generation 2: every evaluation failed
+    for drop in drops:
+        _, asked, fit, state = _generation(state, drop=drop)
+        f = np.asarray(fit)
+        seen += list(f[np.isfinite(f)])
+        assert float(state.best_fitness) == max(seen)
+    m = STRATEGY.metrics(state)
+    f = np.asarray(state.fitness)
+    np.testing.assert_allclose([m["best"], m["mean"], m["worst"]], [f.max(), f.mean(), f.min()], rtol=1e-6)
+    assert float(m["best_ever"]) == max(seen) and int(m["population"]) == 8
     # the stored best individual scores what the state says
     best = jax.tree_util.tree_map(lambda a: a[None], state.best)
     assert float(synthetic.score(PROBLEM, best)[0]) == pytest.approx(float(state.best_fitness), abs=1e-6)
@@ -151,28 +162,29 @@ def test_best_is_monotone_and_history_is_recorded():
 
 def test_jit_and_nojit_generation_agree():
     state = _start()
-    key = genome.generation_key(state)
-    ch_j, st_j = genome.ask(key, state, PARAMS)
+    k_ask, k_tell = generation_keys(RUN_KEY, 0)
+    ch_j, st_j = STRATEGY.ask(k_ask, state, PARAMS)
     with jax.disable_jit():
-        ch_n, st_n = genome.ask(key, state, PARAMS)
+        ch_n, st_n = STRATEGY.ask(k_ask, state, PARAMS)
     np.testing.assert_array_equal(np.asarray(st_j.child_source), np.asarray(st_n.child_source))
     for a, b in zip(_leaves(ch_j), _leaves(ch_n)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    fit = jnp.where(needs_score(st_j), synthetic.score(PROBLEM, ch_j), jnp.nan)
-    t_j = genome.tell(st_j, ch_j, fit, PARAMS)
+    fit = jnp.where(STRATEGY.needs_score(st_j), synthetic.score(PROBLEM, ch_j), jnp.nan)
+    t_j = STRATEGY.tell(k_tell, st_j, ch_j, fit, PARAMS)
     with jax.disable_jit():
-        t_n = genome.tell(st_j, ch_j, fit, PARAMS)
+        t_n = STRATEGY.tell(k_tell, st_j, ch_j, fit, PARAMS)
     for a, b in zip(_leaves(t_j), _leaves(t_n)):
         np.testing.assert_array_equal(a, b)
 
 
 def test_genome_improves_the_synthetic_problem():
     state = _start()
+    m0 = STRATEGY.metrics(state)
     for _ in range(15):
         _, _, _, state = _generation(state)
-    h = np.asarray(state.history)
-    assert h[15, 0] > h[0, 0] + 0.03, h[[0, 15]]  # best
-    assert h[15, 1] > h[0, 1] + 0.1, h[[0, 15]]  # mean
+    m = STRATEGY.metrics(state)
+    assert m["best"] > m0["best"] + 0.03, (m0, m)
+    assert m["mean"] > m0["mean"] + 0.1, (m0, m)
 
 
 def test_parent_weights_modes():
@@ -188,11 +200,11 @@ def test_parent_weights_modes():
 
 
 def test_svd_mutation_inside_a_generation():
-    params = StrategyParams(population_size=8, cross="linear", combine="linear", mutation="svd", cross_rate=0.0,
-                            individual_mutation_rate=1.0, gene_mutation_rate=1.0, sigma=0.2, elite_percent=0.25,
-                            max_generations=3)
-    state = _start(params)
-    children, asked, fit, told = _generation(state, params)
+    strategy, params = make_strategy("genome", population_size=8, cross="linear", combine="linear", mutation="svd",
+                                     cross_rate=0.0, individual_mutation_rate=1.0, gene_mutation_rate=1.0, sigma=0.2,
+                                     elite_percent=0.25)
+    state = _start(strategy, params)
+    children, asked, fit, told = _generation(state, strategy, params)
     src = np.asarray(asked.child_source)
     assert np.all(src[2:] == -1)  # every bred child was mutated
     assert np.all(np.isfinite(np.asarray(told.fitness)))
@@ -203,11 +215,12 @@ def test_svd_mutation_inside_a_generation():
 
 
 def test_default_params_with_ties_crossover_improve():
-    params = StrategyParams(population_size=8, max_generations=15)  # GENOME defaults: TIES merges, roulette
-    assert params.cross_config.method == "ties" and params.combine_config.method == "ties"
-    state = _start(params)
+    strategy, params = make_strategy("genome", population_size=8)  # GENOME defaults: TIES merges, roulette
+    assert strategy.cross.method == "ties" and strategy.combine.method == "ties"
+    state = _start(strategy, params)
+    m0 = strategy.metrics(state)
     for _ in range(15):
-        _, _, _, state = _generation(state, params)
-    h = np.asarray(state.history)
-    assert h[15, 0] > h[0, 0] + 0.01, h[[0, 15]]
-    assert h[15, 1] > h[0, 1] + 0.04, h[[0, 15]]
+        _, _, _, state = _generation(state, strategy, params)
+    m = strategy.metrics(state)
+    assert m["best"] > m0["best"] + 0.01, (m0, m)
+    assert m["mean"] > m0["mean"] + 0.04, (m0, m)

@@ -8,13 +8,15 @@ import pytest
 
 from genome_jax import synthetic
 from genome_jax.errors import UserError
-from genome_jax.strategies import StrategyParams, genome_plus, initial_population, needs_score
+from genome_jax.evolve import generation_keys
+from genome_jax.strategies import initial_population, make_strategy
 
 EXPERTS = synthetic.synthetic_experts(0, n_experts=4, n_layers=2, d_model=16, rank=4)
 PROBLEM = synthetic.make_problem(EXPERTS, coeffs=[0.25, 0.25, 0.25, 0.25])
-PARAMS = StrategyParams(population_size=4, max_population_size=10, n_offspring=3, cross="linear", combine="linear",
-                        selection="tournament", sigma=0.02, individual_mutation_rate=0.8, gene_mutation_rate=0.5,
-                        elite_percent=0.1, max_generations=20)
+STRATEGY, PARAMS = make_strategy("genome_plus", population_size=4, max_population_size=10, n_offspring=3,
+                                 cross="linear", combine="linear", selection="tournament", sigma=0.02,
+                                 individual_mutation_rate=0.8, gene_mutation_rate=0.5, elite_percent=0.1)
+RUN_KEY = jax.random.PRNGKey(99)
 N, C = 10, 3
 
 
@@ -22,27 +24,28 @@ def _leaves(t):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(t)]
 
 
-def _start(params=PARAMS, seed=0):
-    pop = initial_population(jax.random.PRNGKey(seed), EXPERTS, params=params)
-    return genome_plus.init(jax.random.PRNGKey(seed + 1), pop, synthetic.score(PROBLEM, pop), params)
+def _start(strategy=STRATEGY, params=PARAMS, seed=0):
+    pop = strategy.initial_population(jax.random.PRNGKey(seed), EXPERTS)
+    return strategy.init(jax.random.PRNGKey(seed + 1), pop, synthetic.score(PROBLEM, pop), params)
 
 
-def _generation(state, params=PARAMS, nan_all=False):
-    children, asked = genome_plus.ask(genome_plus.generation_key(state), state, params)
-    fit = jnp.where(needs_score(asked), synthetic.score(PROBLEM, children), jnp.nan)
+def _generation(state, strategy=STRATEGY, params=PARAMS, nan_all=False):
+    k_ask, k_tell = generation_keys(RUN_KEY, int(state.generation))
+    children, asked = strategy.ask(k_ask, state, params)
+    fit = jnp.where(strategy.needs_score(asked), synthetic.score(PROBLEM, children), jnp.nan)
     if nan_all:
         fit = jnp.full_like(fit, jnp.nan)
-    return children, asked, fit, genome_plus.tell(asked, children, fit, params)
+    return children, asked, fit, strategy.tell(k_tell, asked, children, fit, params)[0]
 
 
 def test_init_pads_to_capacity():
     state = _start()
     assert int(state.size) == 4 and state.fitness.shape == (N,)
     assert np.all(np.isnan(np.asarray(state.fitness)[4:])) and np.all(np.isfinite(np.asarray(state.fitness)[:4]))
-    assert genome_plus.num_children(PARAMS) == N + C
-    pop = initial_population(jax.random.PRNGKey(0), EXPERTS, 11, params=PARAMS)
+    assert STRATEGY.num_children == N + C and STRATEGY.population_sizes == {4, N, N + C}
+    pop = initial_population(jax.random.PRNGKey(0), EXPERTS, 11)
     with pytest.raises(UserError, match="max_population_size"):
-        genome_plus.init(jax.random.PRNGKey(0), pop, jnp.zeros(11), PARAMS)
+        STRATEGY.init(jax.random.PRNGKey(0), pop, jnp.zeros(11), PARAMS)
 
 
 def test_population_grows_to_the_maximum_and_stays():
@@ -62,7 +65,7 @@ def test_empty_slots_are_never_scored_and_particles_move():
     children, asked, fit, told = _generation(state)
     alive = np.asarray(asked.child_alive)
     np.testing.assert_array_equal(alive, np.r_[np.arange(N) < 4, np.ones(C, bool)])
-    need = np.asarray(needs_score(asked))
+    need = np.asarray(STRATEGY.needs_score(asked))
     assert not need[4:N].any()
     # a particle needs scoring exactly when succession moved it
     moved = [any(not np.array_equal(c[i], p[i]) for c, p in zip(_leaves(children), _leaves(state.population)))
@@ -117,11 +120,11 @@ def test_a_generation_where_everything_failed_changes_nothing():
 
 @pytest.mark.parametrize("survivor", ["roulette", "tournament"])
 def test_stochastic_survivor_selection_keeps_elites(survivor):
-    params = StrategyParams(population_size=4, max_population_size=5, n_offspring=4, cross="linear",
-                            combine="linear", survivor_selection=survivor, elite_percent=0.2, max_generations=5)
-    state = _start(params)
+    strategy, params = make_strategy("genome_plus", population_size=4, max_population_size=5, n_offspring=4,
+                                     cross="linear", combine="linear", survivor_selection=survivor, elite_percent=0.2)
+    state = _start(strategy, params)
     for _ in range(3):
-        _, asked, fit, new = _generation(state, params)
+        _, asked, fit, new = _generation(state, strategy, params)
         pool = np.asarray(genome_jax_inherit(asked, fit, state))
         assert int(new.size) == 5
         assert float(np.max(np.asarray(new.fitness))) == pytest.approx(np.nanmax(pool))
@@ -137,8 +140,22 @@ def genome_jax_inherit(asked, fit, state):
 
 def test_genome_plus_improves_the_synthetic_problem():
     state = _start()
+    m0 = STRATEGY.metrics(state)
     for _ in range(12):
         _, _, _, state = _generation(state)
-    h = np.asarray(state.history)
-    assert h[12, 0] > h[0, 0] + 0.03, h[[0, 12]]
-    assert h[12, 1] > h[0, 1] + 0.1, h[[0, 12]]
+    m = STRATEGY.metrics(state)
+    assert m["best"] > m0["best"] + 0.03, (m0, m)
+    assert m["mean"] > m0["mean"] + 0.1, (m0, m)
+
+
+def test_tell_reports_metrics_of_the_new_state():
+    state = _start()
+    k_ask, k_tell = generation_keys(RUN_KEY, 0)
+    children, asked = STRATEGY.ask(k_ask, state, PARAMS)
+    fit = jnp.where(STRATEGY.needs_score(asked), synthetic.score(PROBLEM, children), jnp.nan)
+    told, m = STRATEGY.tell(k_tell, asked, children, fit, PARAMS)
+    f = np.asarray(told.fitness)
+    f = f[np.isfinite(f)]
+    assert int(m["population"]) == int(told.size) == len(f) == 7 and int(m["children"]) == 4 + C
+    np.testing.assert_allclose([m["best"], m["mean"], m["worst"]], [f.max(), f.mean(), f.min()], rtol=1e-6)
+    assert float(m["best_ever"]) == float(told.best_fitness) and int(m["stall"]) == int(told.stall)
