@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -385,8 +384,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"files: {out}/{RESULT_JSON}, {RESULT_MD}, quality_<target>.png; wall {time.perf_counter() - t0:.0f} s")
     return 0
 
-
-if __name__ == "__main__":
-    from scripts.cli import main
-
-    sys.exit(main(["bench", "quality", *sys.argv[1:]]))
