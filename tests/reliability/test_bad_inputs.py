@@ -373,4 +373,6 @@ def test_debug_flag_shows_the_traceback(tmp_path):
     """--debug is the one way to get a traceback for a bad input."""
     p = genome(["--debug", "run", "--tasks", "synthetic", "--lora_dir", tmp_path / "missing", "--output_dir",
                 tmp_path / "out"])
-    assert p.returncode != 0 and "Traceback" in p.stderr and "UserError" in p.stderr, describe(p)
+    # the user-facing error classes: UserError and its subclasses (ParamError names a parameter)
+    assert p.returncode != 0 and "Traceback" in p.stderr, describe(p)
+    assert re.search(r"genome_jax\.errors\.(UserError|ParamError): lora_dir \S+: no such folder", p.stderr), describe(p)
