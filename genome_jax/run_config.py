@@ -21,10 +21,8 @@ import yaml
 from genome_jax import faults
 from genome_jax.errors import ParamError, UserError
 from genome_jax.model_store import sha256_file
-from genome_jax.operators.merge import MergeConfig
-from genome_jax.operators.selection import n_elites
+from genome_jax.sizes import n_elites
 from genome_jax.settings import BY_NAME, KEYS, RESUME_MAY_CHANGE, SETTINGS, SYNTHETIC, Setting, check_value
-from genome_jax.strategies import Params, Strategy, make_strategy
 
 
 class _RunConfigMethods:
@@ -372,32 +370,3 @@ def describe_mismatch(saved: RunConfig, wanted: RunConfig) -> str:
     a, b = saved.identity(), wanted.identity()
     diffs = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a) if a[k] != b.get(k)]
     return "; ".join(diffs)
-
-
-def strategy_settings(cfg: RunConfig) -> dict[str, Any]:
-    """{strategy parameter name: value} of the settings the table sends to the strategy (`to="strategy"`): the
-    keywords of `make_strategy` (max_iter and early_stop_iter are the loop's). A merge's sub-settings
-    ("cross.density") make that merge a MergeConfig; at MergeConfig's defaults the method name stays (the
-    strategy reads a name as the same MergeConfig)."""
-    out: dict[str, Any] = {}
-    merge_subs: dict[str, dict[str, Any]] = {}
-    for s in SETTINGS:
-        if s.to != "strategy":
-            continue
-        value = getattr(cfg, s.name)
-        merge, _, field = s.target.partition(".")
-        if field:
-            merge_subs.setdefault(merge, {})[field] = value
-        else:
-            out[s.target] = value
-    for merge, subs in merge_subs.items():
-        if any(v != getattr(MergeConfig, f) for f, v in subs.items()):
-            # mergekit's normalisation by the agreeing weights, as the strategy gives a method name
-            out[merge] = MergeConfig(method=out[merge], normalize="weight", **subs)
-    return out
-
-
-def strategy_params(cfg: RunConfig) -> tuple[Strategy, Params]:
-    """(strategy, params) of the configured method: `make_strategy(cfg.method, **strategy_settings(cfg))` (validated
-    there too); max_iter and early_stop_iter go to the loop (genome_jax.evolve)."""
-    return make_strategy(cfg.method, **strategy_settings(cfg))

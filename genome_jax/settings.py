@@ -15,14 +15,19 @@ import math
 from typing import Any
 
 from genome_jax.errors import ParamError
-from genome_jax.operators.merge import METHODS as MERGE_METHODS
-from genome_jax.operators.merge import MergeConfig
-from genome_jax.operators.selection import PARENT_METHODS, SURVIVOR_METHODS
-from genome_jax.strategies import STRATEGIES
-from genome_jax.strategies.common import CROSS_WEIGHTS, MUTATIONS
 
 GROUPS = ("search", "operators", "scoring", "placement", "output")
-METHODS = tuple(STRATEGIES)
+# The library's choice lists, spelled here so that the table (and with it `genome run`'s flags, its config checks
+# and the run folder's lock check) never imports JAX; tests/genome_jax/test_settings_choices.py asserts they equal
+# the lists in the operators and strategies.
+METHODS = ("genome", "genome_plus")  # genome_jax.strategies.STRATEGIES
+MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "slerp", "blx_alpha",
+                 "uniform", "magnitude_prune")  # genome_jax.operators.registry.METHODS
+DEFAULT_DENSITY = 0.2  # genome_jax.operators.registry.DEFAULT_DENSITY
+PARENT_METHODS = ("roulette", "tournament", "truncation", "rank")  # genome_jax.operators.selection
+SURVIVOR_METHODS = PARENT_METHODS
+CROSS_WEIGHTS = ("random", "equal", "fitness")  # genome_jax.strategies.common
+MUTATIONS = ("gaussian", "svd")  # genome_jax.strategies.common
 BACKENDS = ("vllm", "jax")
 SCORINGS = ("generate", "choice_logprob", "loglik")
 EVAL_MODES = ("auto", "swap", "lora")  # the vLLM evaluator's routes: W+ΔW weight swap, multi-LoRA, or per platform
@@ -122,11 +127,11 @@ SETTINGS: tuple[Setting, ...] = (
     # ---- operators: crossover, mutation, selection, succession (their hyperparameters)
     _s("combine_method", "str", "ties", "operators", "merge that builds the initial population from pairs of "
        "experts", choices=MERGE_METHODS, to="strategy", param="combine", aliases=("combine",)),
-    _s("combine_density", "float", MergeConfig.density, "operators", "fraction of weights the initial merges keep "
+    _s("combine_density", "float", DEFAULT_DENSITY, "operators", "fraction of weights the initial merges keep "
        "(ties, dare_*, breadcrumbs, magnitude_prune)", **_merge_density, to="strategy", param="combine.density"),
     _s("cross_method", "str", "ties", "operators", "merge used by crossover", choices=MERGE_METHODS, to="strategy",
        param="cross", aliases=("cross",)),
-    _s("cross_density", "float", MergeConfig.density, "operators", "fraction of weights crossover keeps (ties, "
+    _s("cross_density", "float", DEFAULT_DENSITY, "operators", "fraction of weights crossover keeps (ties, "
        "dare_*, breadcrumbs, magnitude_prune)", **_merge_density, to="strategy", param="cross.density"),
     _s("cross_rate", "float", 0.8, "operators", "probability that a child is a crossover of parents", **_rate,
        to="strategy"),

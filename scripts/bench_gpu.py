@@ -32,7 +32,8 @@ from genome_jax.compile_cache import enable_compilation_cache
 from genome_jax.errors import UserError
 from genome_jax.models import llama, scorer
 from genome_jax.operators import merge
-from genome_jax.run_config import RunConfig, strategy_params
+from genome_jax.run_config import RunConfig
+from genome_jax.strategies import strategy_params
 from scripts.bench_operators import minimum_bytes
 
 # Llama-3-8B (operators) and Llama-3.2-1B (scorer) shapes; "tiny" stands in for both on CPU

@@ -41,7 +41,8 @@ from genome_jax.compile_cache import enable_compilation_cache
 from genome_jax.errors import UserError
 from genome_jax.operators import merge
 from genome_jax.population import Population, PopulationMeta, export_adapter
-from genome_jax.run_config import RunConfig, strategy_params
+from genome_jax.run_config import RunConfig
+from genome_jax.strategies import strategy_params
 
 SHAPES = {  # module -> (A (r, d_in), B (d_out, r)) at r = 16
     "self_attn.q_proj": ((16, 576), (576, 16)),

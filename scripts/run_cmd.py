@@ -14,8 +14,9 @@ import argparse
 import sys
 from typing import Callable
 
-from genome_jax import settings, stopping
-from scripts import run_loop
+from genome_jax import run_lock, settings, stopping
+from genome_jax.errors import UserError
+from genome_jax.run_config import load_run_config
 
 
 def _device_count(text: str) -> int:
@@ -100,10 +101,24 @@ def given_settings(args: argparse.Namespace) -> dict:
     return {s.name: getattr(args, s.name, None) for s in settings.SETTINGS}
 
 
+def refuse_if_busy(flags, *, config_file: str | None = None, resume_dir: str | None = None) -> None:
+    """Fail at once, before JAX is even imported, when another live run holds the output folder. Flags that do not
+    parse are left to `run_loop.prepare` to report."""
+    folder = resume_dir
+    if folder is None:
+        try:
+            folder = load_run_config(flags, config_file).resolved_output_dir()
+        except UserError:
+            return
+    run_lock.check_free(folder)
+
+
 def run(args: argparse.Namespace) -> int:
     """Library errors name settings (`population_size`); scripts.cli spells them as these flags when it reports."""
     flags = given_settings(args)
-    run_loop.refuse_if_busy(flags, config_file=args.config, resume_dir=args.resume)  # one writer per folder
+    refuse_if_busy(flags, config_file=args.config, resume_dir=args.resume)  # one writer per folder
+    from scripts import run_loop  # imports JAX (seconds): only after a busy folder was refused at once
+
     cfg, out_dir = run_loop.prepare(flags, config_file=args.config, resume_dir=args.resume)
     changes = run_loop.check_data(cfg, out_dir, allow_change=args.allow_data_change)
 

@@ -22,7 +22,8 @@ from genome_jax.compile_cache import enable_compilation_cache
 from genome_jax.evolve import evolve, initial_keys
 from genome_jax.model_store import default_model_path
 from genome_jax.population import Population, PopulationMeta, load_population
-from genome_jax.run_config import RunConfig, run_config_from_dict, save_run_config, strategy_params
+from genome_jax.run_config import RunConfig, run_config_from_dict, save_run_config
+from genome_jax.strategies import strategy_params
 from genome_jax.sharding import ShardedStrategy
 from scripts.run_prepare import (
     RUN_CONFIG,
@@ -34,7 +35,6 @@ from scripts.run_prepare import (
     prepare,
     provenance_report,
     read_json,
-    refuse_if_busy,
     remove_orphan_temps,
     saved_identity,
 )
@@ -43,7 +43,7 @@ from scripts.scoring import LLMScorer, SyntheticScorer, Timer
 
 EXPERTS = "experts.json"
 # the `genome run` command's entry points (run_cmd, demo): prepared here or in run_prepare / run_report
-__all__ = ["prepare", "refuse_if_busy", "check_data", "last_saved_generation", "run", "final_summary", "data_digests",
+__all__ = ["prepare", "check_data", "last_saved_generation", "run", "final_summary", "data_digests",
            "load_experts", "saved_state", "run_identity", "EXPERTS", "RUN_CONFIG"]
 
 

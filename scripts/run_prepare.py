@@ -33,8 +33,8 @@ from genome_jax.run_config import (
     load_run_config,
     run_config_from_dict,
     saved_data_digests,
-    strategy_params,
 )
+from genome_jax.strategies import strategy_params
 
 RUN_CONFIG = "run_config.json"
 
@@ -57,19 +57,6 @@ def read_saved_config(out_dir: Path) -> RunConfig | None:
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg}); is this a genome run folder?") from None
     return run_config_from_dict(data, str(path))
-
-
-def refuse_if_busy(flags: Mapping[str, Any], *, config_file: str | None = None,
-                   resume_dir: str | None = None) -> None:
-    """Fail at once (before any weights are read) when another live run holds the output folder. Flags that do
-    not parse are left to `prepare` to report."""
-    folder = resume_dir
-    if folder is None:
-        try:
-            folder = load_run_config(flags, config_file).resolved_output_dir()
-        except UserError:
-            return
-    run_lock.check_free(folder)
 
 
 def prepare(flags: Mapping[str, Any], *, config_file: str | None = None,

@@ -23,10 +23,11 @@ not yet chosen).
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
+
+from genome_jax.sizes import n_elites  # noqa: F401  (re-exported: the strategies' elite count)
 
 PARENT_METHODS = ("roulette", "tournament", "truncation", "rank")
 SURVIVOR_METHODS = PARENT_METHODS
@@ -56,12 +57,6 @@ def descending_order(fitness) -> jax.Array:
     """Indices sorting fitness (P,) from best to worst; non-finite last; ties by index (stable)."""
     f = jnp.asarray(fitness, jnp.float32)
     return jnp.argsort(jnp.where(_valid(f), -f, jnp.inf), stable=True).astype(jnp.int32)
-
-
-def n_elites(population_size: int, elite_percent: float) -> int:
-    """Number of elites: ceil(elite_percent * population_size), so at least one when elite_percent > 0 (a static
-    Python int; the one rule the strategies use for their elites and survivors)."""
-    return int(math.ceil(elite_percent * population_size - 1e-9))
 
 
 def roulette_weights(fitness) -> jax.Array:

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from genome_jax import settings as settings_table
 from genome_jax.errors import UserError
+from genome_jax.operators.merge import MergeConfig
+from genome_jax.run_config import RunConfig
 from genome_jax.strategies.common import SETTINGS, Params, Strategy, initial_population, validate_settings
 from genome_jax.strategies.genome import Genome, GenomeState
 from genome_jax.strategies.genome_plus import GenomePlus, GenomePlusParams, GenomePlusState
 
 STRATEGIES: dict[str, type[Strategy]] = {"genome": Genome, "genome_plus": GenomePlus}
 
-__all__ = ["STRATEGIES", "SETTINGS", "Strategy", "Params", "Genome", "GenomeState", "GenomePlus", "GenomePlusParams",
+__all__ = ["STRATEGIES", "strategy_settings", "strategy_params", "SETTINGS", "Strategy", "Params", "Genome", "GenomeState", "GenomePlus", "GenomePlusParams",
            "GenomePlusState", "get_strategy", "make_strategy", "initial_population"]
 
 
@@ -43,3 +46,33 @@ def make_strategy(method: str, **settings: Any) -> tuple[Strategy, Params]:
     full = {**SETTINGS, **settings}
     validate_settings(full)
     return get_strategy(method).from_settings(full)
+
+
+# ---- the strategy of a run config (kept out of run_config: reading and checking a config never imports JAX)
+def strategy_settings(cfg: RunConfig) -> dict[str, Any]:
+    """{strategy parameter name: value} of the settings the table sends to the strategy (`to="strategy"`): the
+    keywords of `make_strategy` (max_iter and early_stop_iter are the loop's). A merge's sub-settings
+    ("cross.density") make that merge a MergeConfig; at MergeConfig's defaults the method name stays (the
+    strategy reads a name as the same MergeConfig)."""
+    out: dict[str, Any] = {}
+    merge_subs: dict[str, dict[str, Any]] = {}
+    for s in settings_table.SETTINGS:
+        if s.to != "strategy":
+            continue
+        value = getattr(cfg, s.name)
+        merge, _, field = s.target.partition(".")
+        if field:
+            merge_subs.setdefault(merge, {})[field] = value
+        else:
+            out[s.target] = value
+    for merge, subs in merge_subs.items():
+        if any(v != getattr(MergeConfig, f) for f, v in subs.items()):
+            # mergekit's normalisation by the agreeing weights, as the strategy gives a method name
+            out[merge] = MergeConfig(method=out[merge], normalize="weight", **subs)
+    return out
+
+
+def strategy_params(cfg: RunConfig) -> tuple[Strategy, Params]:
+    """(strategy, params) of the configured method: `make_strategy(cfg.method, **strategy_settings(cfg))` (validated
+    there too); max_iter and early_stop_iter go to the loop (genome_jax.evolve)."""
+    return make_strategy(cfg.method, **strategy_settings(cfg))

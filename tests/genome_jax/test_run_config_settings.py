@@ -12,15 +12,9 @@ import yaml
 from genome_jax import settings
 from genome_jax.errors import ParamError, UserError
 from genome_jax.operators.merge import MergeConfig
-from genome_jax.run_config import (
-    RunConfig,
-    describe_mismatch,
-    load_run_config,
-    strategy_params,
-    strategy_settings,
-)
+from genome_jax.run_config import RunConfig, describe_mismatch, load_run_config
 from genome_jax.strategies import SETTINGS as STRATEGY_SETTINGS
-from genome_jax.strategies import make_strategy
+from genome_jax.strategies import make_strategy, strategy_params, strategy_settings
 
 REAL = {"tasks": ("arc_c",), "lora_dir": "."}  # a real task needs an expert folder (any folder passes here)
 

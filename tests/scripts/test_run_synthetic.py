@@ -114,7 +114,8 @@ def test_best_adapter_scores_what_the_run_reported(finished_run):
 def test_cli_equals_the_strategy_driver(finished_run, tmp_path):
     """Flags -> (strategy, params) -> evolve through `genome run` gives the same final state as
     genome_jax.synthetic.run_synthetic driving the same strategy directly."""
-    from genome_jax.run_config import run_config_from_dict, strategy_params
+    from genome_jax.run_config import run_config_from_dict
+    from genome_jax.strategies import strategy_params
     from genome_jax.synthetic import run_synthetic
 
     cfg = run_config_from_dict(json.loads((finished_run / "run_config.json").read_text()), "saved")
