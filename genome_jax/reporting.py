@@ -179,3 +179,31 @@ def plot_fitness(
     plt.close(fig)
     faults.point("plot_temp_written")
     os.replace(tmp, path)
+
+
+def plot_test_bars(path: str | os.PathLike, labels: Sequence[str], scores: Sequence[float], errors: Sequence[float], *,
+                   xlabel: str, chance: float | None = None, base: float | None = None) -> None:
+    """A horizontal bar per row (test score as a fraction, error bar in the same unit), drawn in percent, with the
+    chance level and the base model as vertical lines when given; written atomically (temp file + rename)."""
+    import matplotlib  # heavy (~0.5 s): only a finished report draws
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.5))
+    y = list(range(len(labels)))[::-1]
+    ax.barh(y, [100 * s for s in scores], xerr=[100 * e for e in errors], color="#4c72b0", capsize=3)
+    ax.set_yticks(y, list(labels))
+    if chance is not None:
+        ax.axvline(100 * chance, color="grey", ls=":", label="chance")
+    if base is not None:
+        ax.axvline(100 * base, color="#c44e52", ls="--", label="base model")
+    if chance is not None or base is not None:
+        ax.legend(loc="lower right")
+    ax.set_xlabel(xlabel)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

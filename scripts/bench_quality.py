@@ -27,7 +27,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 
 from evaluators import stats
@@ -41,10 +40,10 @@ from genome_jax.operators.merge import MergeConfig, crossover
 from genome_jax.population import Population, adapter_folders, export_adapter, load_population
 from genome_jax.run_config import file_digests, load_run_config
 from scripts import demo, run_loop, train_experts
+from scripts.scoring import max_lora_rank
 
 BENCH = "bench.json"
 RESULT_JSON, RESULT_MD = "quality.json", "quality.md"
-ALLOWED_RANKS = (8, 16, 32, 64, 128, 256, 512)  # vLLM's max_lora_rank choices
 
 # Sized on this 2-core box (see docs/QUALITY.md): the full default run takes about 90 minutes.
 DEFAULTS = {"targets": ["arc_e", "piqa"], "zero_shot": ["hellaswag"], "seeds": 3, "methods": ["genome_plus"],
@@ -181,7 +180,7 @@ def score_baselines(cfg: dict, model_path: str, lora_dir: Path, merged: dict[str
     experts = adapter_folders(lora_dir)
     rows = {"base": None, **{f"expert:{d.name}": str(d) for d in experts}, **{k: str(v) for k, v in merged.items()}}
     rank = max(_rank(Path(p)) for p in rows.values() if p)
-    ev = make_evaluator(model_path, max_lora_rank=next((a for a in ALLOWED_RANKS if a >= rank), rank),
+    ev = make_evaluator(model_path, max_lora_rank=max_lora_rank(rank),
                         cache_dir=str(out / "eval_cache"), progress=progress)
     task = get_task(target, formatter=model_path, mode="loglik")
     zs = [get_task(z, formatter=model_path, mode="loglik") for z in zero_shot]
@@ -313,28 +312,14 @@ def markdown(cfg: dict, per_target: list[dict]) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    """Test accuracy per row (error bars: sd over seeds, or the binomial SE of a single score); chance line."""
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pyplot after choosing the headless backend (a GUI one needs a display)
-
-    rows = summary["rows"]
-    n = summary["n_test"]
+    """Test accuracy per row (error bars: sd over seeds, or the binomial SE of a single score); chance and base."""
+    rows, n = summary["rows"], summary["n_test"]
     # sd over seeds where there are several, else the binomial SE of the one score
-    err = [100 * (r["sd"] if r["sd"] is not None and len(r.get("seeds", [])) > 1 else stats.binomial_se(r["test"], n))
+    err = [r["sd"] if r["sd"] is not None and len(r.get("seeds", [])) > 1 else stats.binomial_se(r["test"], n)
            for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.6))
-    y = list(range(len(rows)))[::-1]
-    ax.barh(y, [100 * r["test"] for r in rows], xerr=err, color="#4c72b0", capsize=3)
-    ax.set_yticks(y, [r["row"] for r in rows])
-    ax.axvline(100 * summary["chance"], color="grey", ls=":", label="chance")
-    ax.axvline(100 * rows[0]["test"], color="#c44e52", ls="--", label="base model")
-    ax.legend(loc="lower right")
-    ax.set_xlabel(f"{summary['target']} test accuracy, % ({n} items; bars: sd over seeds, or ± 1 SE of one score)")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    reporting.plot_test_bars(path, [r["row"] for r in rows], [r["test"] for r in rows], err,
+                             xlabel=f"{summary['target']} test accuracy, % ({n} items; bars: sd over seeds or ± 1 SE)",
+                             chance=summary["chance"], base=rows[0]["test"])
 
 
 # ------------------------------------------------------------------------------------------------------ command

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from evaluators.backends.base import make_evaluator
+from evaluators.stats import binomial_se
 from evaluators.tasks import get_task
+from genome_jax import reporting
 from genome_jax.errors import UserError
 from genome_jax.model_store import default_model_path
 from genome_jax.models import trainer
@@ -141,9 +143,7 @@ def score_baselines(model_path: str, lora_dir: Path, target: str, n_test: int, o
             "chance": sum(1.0 / len(it["choices"]) for it in items) / len(items), "n": len(items)}
 
 
-def stderr(acc: float, n: int) -> float:
-    """Standard error of an accuracy measured on n items (binomial)."""
-    return math.sqrt(max(acc * (1.0 - acc), 0.0) / max(n, 1))
+stderr = binomial_se  # standard error of an accuracy measured on n items (binomial)
 
 
 def _rows(result: dict, target: str) -> list[tuple[str, float | None, float]]:
@@ -199,27 +199,12 @@ def demo_table(result: dict, target: str, lora_dir: Path | None) -> str:
 
 def plot_rows(result: dict, target: str, path: Path) -> None:
     """Bar chart of the test accuracy per row (± 1 SE), the chance level and the base model as lines."""
-    import matplotlib  # heavy (~0.5 s): only the final chart needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
-
     n = result["n_test"][target]
     rows = _rows(result, target)
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
-    y = list(range(len(rows)))[::-1]
-    ax.barh(y, [100 * r[2] for r in rows], xerr=[100 * stderr(r[2], n) for r in rows], color="#4c72b0", capsize=3)
-    ax.set_yticks(y, [r[0] for r in rows])
-    if "baselines" in result:
-        ax.axvline(100 * result["baselines"]["chance"], color="grey", ls=":", label="chance")
-        ax.axvline(100 * result["baselines"]["base"], color="#c44e52", ls="--", label="base model")
-        ax.legend(loc="lower right")
-    ax.set_xlabel(f"{target} test accuracy, % ({n} items, ± 1 SE)")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    b = result.get("baselines")
+    reporting.plot_test_bars(path, [r[0] for r in rows], [r[2] for r in rows], [stderr(r[2], n) for r in rows],
+                             xlabel=f"{target} test accuracy, % ({n} items, ± 1 SE)",
+                             chance=b["chance"] if b else None, base=b["base"] if b else None)
 
 
 def timing_lines(result: dict, parts: dict[str, float]) -> str:

@@ -106,13 +106,17 @@ class SyntheticScorer:
 EVAL_RETRIES = 2  # fresh evaluator workers tried after a crash within one scoring call, before the run stops
 
 
+def max_lora_rank(rank: int) -> int:
+    """vLLM's max_lora_rank for adapters of this rank: the next size it supports, at least 16."""
+    return next((a for a in (8, 16, 32, 64, 128, 256, 512) if a >= max(rank, 16)), rank)
+
+
 def evaluator_kwargs(cfg: RunConfig, rank: int) -> dict[str, Any]:
     """Keyword arguments of `evaluators.backends.make_evaluator` for this run (besides model, cache and progress):
     external --endpoints, one managed worker per --eval_devices GPU, Ray actors at --ray_address, or one managed
     worker. rank: the experts' LoRA rank (vLLM's max_lora_rank is the next size it supports)."""
-    allowed = (8, 16, 32, 64, 128, 256, 512)
     kw: dict[str, Any] = {"endpoints": list(cfg.endpoints) or None, "eval_mode": cfg.eval_mode,
-                          "max_lora_rank": next((a for a in allowed if a >= max(rank, 16)), rank)}
+                          "max_lora_rank": max_lora_rank(rank)}
     if not cfg.endpoints and cfg.eval_dtype != "auto":  # endpoints run in the servers' own dtype
         kw["dtype"] = cfg.eval_dtype
     if cfg.ray_address is not None:  # Ray replaces a lost actor itself and rescores its individual
