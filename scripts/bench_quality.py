@@ -31,6 +31,7 @@ import numpy as np
 
 from evaluators import stats
 from evaluators.backends.base import make_evaluator
+from evaluators.backends.peft_folder import adapter_info
 from evaluators.provenance import read_provenance
 from evaluators.tasks import get_task, list_tasks
 from genome_jax import reporting
@@ -162,10 +163,6 @@ def merges(lora_dir: Path, out: Path) -> dict[str, Path]:
     return paths
 
 
-def _rank(folder: Path) -> int:
-    return int(json.loads((folder / "adapter_config.json").read_text())["r"])
-
-
 def _task_json(r) -> dict:
     return {"score": r.score, "per_sample": list(r.per_sample), "ids": list(r.ids)}
 
@@ -179,7 +176,7 @@ def score_baselines(cfg: dict, model_path: str, lora_dir: Path, merged: dict[str
         return json.loads(path.read_text())
     experts = adapter_folders(lora_dir)
     rows = {"base": None, **{f"expert:{d.name}": str(d) for d in experts}, **{k: str(v) for k, v in merged.items()}}
-    rank = max(_rank(Path(p)) for p in rows.values() if p)
+    rank = max(adapter_info(p).rank for p in rows.values() if p)  # rank_pattern included
     ev = make_evaluator(model_path, max_lora_rank=max_lora_rank(rank),
                         cache_dir=str(out / "eval_cache"), progress=progress)
     task = get_task(target, formatter=model_path, mode="loglik")
