@@ -75,15 +75,17 @@ def saved_state(out_dir: Path):
 
 
 def run(cfg: RunConfig, out_dir: Path, *, progress: bool = True, log=print,
-        data_changes: list[dict] | None = None) -> dict:
+        data_changes: list[dict] | None = None, cache_dir: Path | None = None) -> dict:
     """Run (or resume) the evolution described by `cfg` in `out_dir`; returns the result dict (also result.json).
     One writer per folder: raises UserError at once when another live run holds `out_dir` (genome_jax.run_lock).
-    data_changes: what `check_data` found changed and --allow-data-change accepted (recorded in result.json)."""
+    data_changes: what `check_data` found changed and --allow-data-change accepted (recorded in result.json).
+    cache_dir: the result cache to use (default out_dir/eval_cache)."""
     created = not out_dir.exists()
     had_lock_file = (out_dir / run_lock.LOCK_NAME).exists()
     try:
         with run_lock.hold(out_dir):
-            return _run(cfg, out_dir, progress=progress, log=log, created=created, data_changes=data_changes)
+            return _run(cfg, out_dir, progress=progress, log=log, created=created, data_changes=data_changes,
+                        cache_dir=cache_dir)
     except BaseException:  # refused before writing anything (e.g. experts that do not fit the model): leave no trace
         if not had_lock_file and not (out_dir / RUN_CONFIG).exists():
             (out_dir / run_lock.LOCK_NAME).unlink(missing_ok=True)
@@ -102,7 +104,8 @@ def _experts_info(out_dir: Path, scorer, experts: Population, timer: Timer, prog
     return info
 
 
-def _run(cfg: RunConfig, out_dir: Path, *, progress: bool, log, created: bool, data_changes: list[dict] | None) -> dict:
+def _run(cfg: RunConfig, out_dir: Path, *, progress: bool, log, created: bool, data_changes: list[dict] | None,
+         cache_dir: Path | None) -> dict:
     t_start = time.perf_counter()
     timer = Timer()
     enable_compilation_cache()  # a resumed or repeated run skips recompiling (GENOME_JAX_COMPILE_CACHE)
@@ -132,7 +135,8 @@ def _run(cfg: RunConfig, out_dir: Path, *, progress: bool, log, created: bool, d
             if cfg.synthetic:
                 scorer = SyntheticScorer(experts.factors, cfg.seed)
             else:
-                scorer = LLMScorer(cfg, model_path, meta.rank, out_dir / "eval_cache", progress)
+                # cache_dir: a caller's shared result cache (keys are content digests, so sharing is safe)
+                scorer = LLMScorer(cfg, model_path, meta.rank, cache_dir or out_dir / "eval_cache", progress)
     except BaseException:
         if scorer is not None:
             scorer.close()
