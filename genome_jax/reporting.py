@@ -106,9 +106,9 @@ def summary_line(record: dict[str, Any], max_iter: int | None = None) -> str:
     )
 
 
-def progress_bar(total: int, desc: str, *, disable: bool = False):
-    """A tqdm bar on stderr; the caller updates it as individuals finish."""
-    return tqdm(total=total, desc=desc, unit="ind", leave=False, disable=disable, dynamic_ncols=True)
+def progress_bar(total: int, desc: str, *, disable: bool = False, unit: str = "ind"):
+    """A tqdm bar on stderr (ETA included); the caller updates it as units (default: individuals) finish."""
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=disable, dynamic_ncols=True)
 
 
 def plot_fitness(

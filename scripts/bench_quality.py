@@ -275,7 +275,31 @@ def summarise(cfg: dict, target: str, base: dict, runs: dict[str, list[dict]]) -
             zero[method][z] = {"base": float(b.mean()), "best_expert": float(e.mean()), "evolved": m, "evolved_sd": sd,
                                "vs_base": stats.paired_bootstrap(ev, b), "vs_best_expert": stats.paired_bootstrap(ev, e)}
     return {"target": target, "best_expert": best_e, "chance": base["chance"], "n_test": len(ids), "rows": table,
-            "paired": paired, "zero_shot": zero}
+            "paired": paired, "zero_shot": zero, "dev_test": dev_test_points(target, rows, runs),
+            "selection_gap": selection_gap(target, rows, runs)}
+
+
+def dev_test_points(target: str, rows: dict, runs: dict[str, list[dict]]) -> list[dict]:
+    """Every individual scored on both splits of `target`: the baseline rows and each seed's evolved best
+    -> [{label, kind, dev, test}]."""
+    pts = [{"label": k, "kind": "baseline", "dev": v["dev"]["score"], "test": v["test"]["score"]} for k, v in rows.items()]
+    for method, results in runs.items():
+        pts += [{"label": f"{method} s{seed}", "kind": "evolved", "dev": r["best"]["dev_fitness"],
+                 "test": float(np.mean(r["best"]["test_per_sample"][target]))} for seed, r in enumerate(results)]
+    return pts
+
+
+def selection_gap(target: str, rows: dict, runs: dict[str, list[dict]]) -> dict:
+    """Dev minus test, in accuracy: the unselected baseline rows measure how the splits differ; the evolved best,
+    picked as the maximum of many noisy dev scores, also carries the winner's curse (its dev score overstates it)."""
+    pts = dev_test_points(target, rows, runs)
+    base_gaps = [p["dev"] - p["test"] for p in pts if p["kind"] == "baseline"]
+    evo_gaps = [p["dev"] - p["test"] for p in pts if p["kind"] == "evolved"]
+    out = {"baselines_mean": float(np.mean(base_gaps))}
+    if evo_gaps:
+        out["evolved_mean"] = float(np.mean(evo_gaps))
+        out["excess"] = out["evolved_mean"] - out["baselines_mean"]
+    return out
 
 
 def _pct(x, sd=None) -> str:
@@ -303,6 +327,13 @@ def markdown(cfg: dict, per_target: list[dict]) -> str:
                 lines.append(f"- zero-shot {task} ({method}): base {_pct(v['base'])}, best expert {_pct(v['best_expert'])}, "
                              f"evolved {_pct(v['evolved'], v['evolved_sd'])} (vs base {100 * v['vs_base'][0]:+.1f} "
                              f"[{100 * v['vs_base'][1]:+.1f}, {100 * v['vs_base'][2]:+.1f}])")
+    for s in per_target:
+        g = s.get("selection_gap", {})
+        if "excess" in g:
+            lines.append(f"- {s['target']}: dev minus test is {100 * g['evolved_mean']:+.1f} points for the evolved best "
+                         f"and {100 * g['baselines_mean']:+.1f} for the unselected rows: the dev score of the chosen "
+                         f"individual overstates its test score by {100 * g['excess']:+.1f} points (selection on a "
+                         f"noisy dev split)")
     wins = [s["target"] for s in per_target
             if any(p[s["best_expert"]]["beyond_noise"] and p["uniform_merge"]["beyond_noise"] for p in s["paired"].values())]
     lines += ["", f"Evolved best beats both the best expert and the uniform merge beyond noise on {len(wins)} of "
@@ -319,6 +350,81 @@ def plot(summary: dict, path: Path) -> None:
     reporting.plot_test_bars(path, [r["row"] for r in rows], [r["test"] for r in rows], err,
                              xlabel=f"{summary['target']} test accuracy, % ({n} items; bars: sd over seeds or ± 1 SE)",
                              chance=summary["chance"], base=rows[0]["test"])
+
+
+def plot_dev_test(per_target: list[dict], path: Path) -> None:
+    """Dev vs test accuracy of every individual scored on both (baseline rows, each seed's evolved best), one panel
+    per target; the diagonal is dev = test."""
+    import matplotlib  # heavy (~0.5 s): only a finished bench draws
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
+
+    fig, axes = plt.subplots(1, len(per_target), figsize=(5.2 * len(per_target), 4.6), squeeze=False)
+    for ax, s in zip(axes[0], per_target):
+        pts = s["dev_test"]
+        vals = [100 * p[k] for p in pts for k in ("dev", "test")]
+        lo, hi = min(vals) - 3, max(vals) + 3
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls=":", label="dev = test")
+        for kind, marker, color in (("baseline", "o", "#4c72b0"), ("evolved", "*", "#c44e52")):
+            sel = [p for p in pts if p["kind"] == kind]
+            ax.scatter([100 * p["dev"] for p in sel], [100 * p["test"] for p in sel], marker=marker, s=70, color=color,
+                       label="baselines" if kind == "baseline" else "evolved best (per seed)")
+            for p in sel if kind == "baseline" else []:
+                ax.annotate(p["label"].replace("expert:", ""), (100 * p["dev"], 100 * p["test"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        se = 100 * stats.binomial_se(0.6, s["n_test"])
+        ax.set_title(f"{s['target']} (test SE about {se:.1f} points)")
+        ax.set_xlabel("dev accuracy, %")
+        ax.set_ylabel("test accuracy, %")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_curves(curves: dict[str, dict[str, list[dict]]], best_expert_dev: dict[str, float], path: Path) -> None:
+    """Dev fitness per generation (best and mean of the population) of every run, one panel per target, with the
+    dev score of the best expert as a dotted line. curves: target -> run label -> metrics.jsonl records."""
+    import matplotlib  # heavy (~0.5 s): only a finished bench draws
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4.2), squeeze=False)
+    for ax, (target, runs) in zip(axes[0], curves.items()):
+        for i, (label, recs) in enumerate(runs.items()):
+            g = [r["generation"] for r in recs]
+            color = f"C{i}"
+            ax.plot(g, [100 * r["best"] for r in recs], marker="o", color=color, label=f"{label} best")
+            ax.plot(g, [100 * r["mean"] for r in recs], ls="--", color=color, alpha=0.6, label=f"{label} mean")
+        ax.axhline(100 * best_expert_dev[target], color="grey", ls=":", label="best expert (dev)")
+        ax.set_title(f"{target}: dev fitness per generation")
+        ax.set_xlabel("generation (0 = initial population)")
+        ax.set_ylabel("dev accuracy, %")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def read_curves(out: Path, cfg: dict) -> dict[str, dict[str, list[dict]]]:
+    """target -> "method sN" -> the run's metrics.jsonl records (generation order)."""
+    curves: dict[str, dict[str, list[dict]]] = {}
+    for t in cfg["targets"]:
+        curves[t] = {}
+        for m in cfg["methods"]:
+            for seed in range(cfg["seeds"]):
+                f = out / "runs" / t / f"{m}-s{seed}" / "metrics.jsonl"
+                recs = [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()] if f.exists() else []
+                curves[t][f"{m} s{seed}"] = sorted(recs, key=lambda r: r["generation"])
+    return curves
 
 
 # ------------------------------------------------------------------------------------------------------ command
@@ -341,8 +447,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     jobs = [(t, None, None) for t in cfg["targets"]]
     jobs += [(t, m, s) for t in cfg["targets"] for m in cfg["methods"] for s in range(cfg["seeds"])]
-    bar = reporting.progress_bar(len(jobs), "bench quality", disable=args.quiet)
-    bar.unit = "job"
+    bar = reporting.progress_bar(len(jobs), "bench quality", disable=args.quiet, unit="job")
     merged = merges(lora_dir, out / "merges")
     base: dict[str, dict] = {}
     runs: dict[str, dict[str, list[dict]]] = {t: {m: [] for m in cfg["methods"]} for t in cfg["targets"]}
@@ -364,7 +469,11 @@ def run(args: argparse.Namespace) -> int:
     (out / f".{RESULT_MD}.tmp").replace(out / RESULT_MD)
     for s in per_target:
         plot(s, out / f"quality_{s['target']}.png")
+    plot_dev_test(per_target, out / "quality_dev_vs_test.png")
+    plot_curves(read_curves(out, cfg), {t: base[t]["rows"][best_expert(base[t]["rows"])]["dev"]["score"]
+                                        for t in cfg["targets"]}, out / "quality_fitness.png")
     print(md, end="")
-    print(f"files: {out}/{RESULT_JSON}, {RESULT_MD}, quality_<target>.png; wall {time.perf_counter() - t0:.0f} s")
+    print(f"files: {out}/{RESULT_JSON}, {RESULT_MD}, quality_<target>.png, quality_dev_vs_test.png, "
+          f"quality_fitness.png; wall {time.perf_counter() - t0:.0f} s")
     return 0
 

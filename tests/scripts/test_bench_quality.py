@@ -69,6 +69,27 @@ def test_summary_numbers_against_numpy():
     assert f"vs expert:a: {100 * p['diff']:+.1f} points" in md
 
 
+def test_selection_gap_and_plots_against_numpy(tmp_path):
+    runs = {"genome_plus": [_run([1, 1, 1, 1, 0, 1], [1] * 6, 0.8, [0.8, 0.7]),
+                            _run([1, 0, 0, 1, 1, 0], [1] * 6, 0.9, [0.6, 0.7])]}
+    s = bench_quality.summarise(CFG, "arc_e", _baselines(), runs)
+    base = _baselines()["rows"]
+    base_gap = np.mean([np.mean(d["dev"]["per_sample"]) - np.mean(d["test"]["per_sample"]) for d in base.values()])
+    evo_gap = np.mean([0.8 - 5 / 6, 0.9 - 3 / 6])
+    g = s["selection_gap"]
+    assert g["baselines_mean"] == pytest.approx(base_gap) and g["evolved_mean"] == pytest.approx(evo_gap)
+    assert g["excess"] == pytest.approx(evo_gap - base_gap)
+    assert [p["label"] for p in s["dev_test"]] == [*base, "genome_plus s0", "genome_plus s1"]
+    md = bench_quality.markdown(CFG, [s])
+    assert f"overstates its test score by {100 * (evo_gap - base_gap):+.1f} points" in md
+    bench_quality.plot_dev_test([s], tmp_path / "dt.png")
+    recs = [{"generation": 0, "best": 0.5, "mean": 0.4}, {"generation": 1, "best": 0.6, "mean": 0.5}]
+    bench_quality.plot_curves({"arc_e": {"genome_plus s0": recs}}, {"arc_e": 0.55}, tmp_path / "fc.png")
+    for f in ("dt.png", "fc.png"):
+        assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*"))  # written atomically: no temp file left
+
+
 def test_other_test_items_are_refused():
     run = _run([1] * 6, [1] * 6, 0.8, [0.8, 0.8])
     run["best"]["test_ids"]["arc_e"] = [f"test[{i + 1}]" for i in range(6)]
@@ -130,6 +151,10 @@ def test_quick_end_to_end_and_rerun_reads_back(tmp_path, capsys, model_path):
     assert s["paired"]["genome_plus"]["uniform_merge"]["diff"] == pytest.approx((evo - ref).mean())
     assert "piqa" in s["zero_shot"]["genome_plus"]
     assert (out / "quality_arc_e.png").stat().st_size > 0 and "### arc_e" in (out / "quality.md").read_text()
+    assert all((out / f"quality_{f}.png").stat().st_size > 0 for f in ("dev_vs_test", "fitness"))
+    # the dev-vs-test scatter uses the evolved best's own dev fitness and per-item test mean
+    (evo_pt,) = [p for p in s["dev_test"] if p["kind"] == "evolved"]
+    assert evo_pt["dev"] == run["best"]["dev_fitness"] and evo_pt["test"] == pytest.approx(evo.mean())
     # a re-run reads everything back: nothing is rescored or rerun, the same table comes out
     stamp = (out / "runs" / "arc_e" / "genome_plus-s0" / "result.json").stat().st_mtime_ns
     rc2, stdout2, err2 = run_cli(argv, capsys)
