@@ -402,6 +402,7 @@ def plot_curves(curves: dict[str, dict[str, list[dict]]], best_expert_dev: dict[
             ax.plot(g, [100 * r["best"] for r in recs], marker="o", color=color, label=f"{label} best")
             ax.plot(g, [100 * r["mean"] for r in recs], ls="--", color=color, alpha=0.6, label=f"{label} mean")
         ax.axhline(100 * best_expert_dev[target], color="grey", ls=":", label="best expert (dev)")
+        ax.set_xticks(sorted({r["generation"] for recs in runs.values() for r in recs}))
         ax.set_title(f"{target}: dev fitness per generation")
         ax.set_xlabel("generation (0 = initial population)")
         ax.set_ylabel("dev accuracy, %")
