@@ -46,8 +46,8 @@ from scripts.scoring import max_lora_rank
 BENCH = "bench.json"
 RESULT_JSON, RESULT_MD = "quality.json", "quality.md"
 
-# Sized on this 2-core box (docs/QUALITY.md): the full default run takes about 90 minutes. Each target is the other's
-# zero-shot task, so no extra zero-shot task by default (hellaswag would add about 12 minutes).
+# Sized on this 2-core box (docs/QUALITY.md): the full default run took 66 minutes (budget: 90). Each target is the
+# other's zero-shot task, so no extra zero-shot task by default (hellaswag would add about 12 minutes).
 DEFAULTS = {"targets": ["arc_e", "piqa"], "zero_shot": [], "seeds": 3, "methods": ["genome_plus"],
             "population_size": 4, "max_population_size": 4, "max_iter": 2, "n_dev": 100, "n_test": 200,
             "ensemble_k": 3, "pool": "demo"}
