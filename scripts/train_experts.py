@@ -51,6 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight_decay", type=float, default=D.weight_decay)
     p.add_argument("--batch_rows", type=int, default=D.batch_rows, help="packed rows per step")
     p.add_argument("--seq_len", type=int, default=D.seq_len, help="tokens per packed row (longer examples skipped)")
+    p.add_argument("--loss", choices=trainer.LOSSES, default=D.loss,
+                   help="choice (default): cross-entropy of the gold option's tokens; options: softmax over the "
+                        "options' summed log-likelihoods, the comparison loglik scoring makes")
+    p.add_argument("--ce_weight", type=float, default=D.ce_weight,
+                   help="options loss: add this x the gold tokens' cross-entropy")
+    p.add_argument("--max_targets", type=int, default=D.max_targets, help="loss tokens per packed row")
+    p.add_argument("--max_options", type=int, default=D.max_options, help="options loss: option sequences per step")
     p.add_argument("--seed", type=int, default=D.seed)
     p.add_argument("--remat", action="store_true", help="recompute layers in the backward pass (less memory)")
     p.add_argument("--no_progress", action="store_true")
@@ -75,6 +82,14 @@ def loglik_pairs(task: Any, items: Sequence[dict]) -> list[tuple[str, str]]:
     return out
 
 
+def loglik_choice_items(task: Any, items: Sequence[dict]) -> list[tuple[list[tuple[str, str]], int]]:
+    """([(context, option continuation) for every option in label order], gold index) per item, as the task's
+    loglik mode scores them (the "options" loss trains on the comparison itself)."""
+    loglik_pairs(task, items)  # validates every item (choices, answer, WinoGrande blank)
+    return [([(r.prompt, o) for r in task.loglik_requests(it) for o in r.options], list(it["choices"]).index(it["answer"]))
+            for it in items]
+
+
 def spec_items(task: Any, spec: Any) -> list[dict]:
     items = task.load(spec.split)
     if spec.start >= len(items):
@@ -87,6 +102,9 @@ def pool_examples(model_path: str, specs: Sequence[Any], cfg: Any) -> list[list[
     from transformers import AutoTokenizer  # heavy: only training a pool needs the tokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    if cfg.loss == "options":
+        return [trainer.choice_examples(loglik_choice_items(task, spec_items(task, s)), tok, max_len=cfg.seq_len)
+                for s, task in zip(specs, _tasks(model_path, specs))]
     return [trainer.continuation_examples(loglik_pairs(task, spec_items(task, s)), tok, max_len=cfg.seq_len)
             for s, task in zip(specs, _tasks(model_path, specs))]
 
@@ -159,7 +177,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = trainer.TrainConfig(
         rank=args.rank, alpha=args.alpha, targets=tuple(args.targets), steps=args.steps, lr=args.lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, batch_rows=args.batch_rows,
-        seq_len=args.seq_len, seed=args.seed, remat=args.remat)
+        seq_len=args.seq_len, seed=args.seed, remat=args.remat, loss=args.loss, ce_weight=args.ce_weight,
+        max_targets=args.max_targets, max_options=args.max_options)
     examples = pool_examples(model_path, specs, cfg)  # fails fast on unknown tasks, before the model loads
     result = trainer.train_pool(model_path, specs, examples, out, cfg, progress=not args.no_progress,
                                 log=lambda m: print(m, file=sys.stderr, flush=True))

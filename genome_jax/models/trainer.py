@@ -42,6 +42,7 @@ from genome_jax.models import llama
 from genome_jax.population import Population, PopulationMeta, export_adapter
 
 SPLITS = ("dev", "test")
+LOSSES = ("choice", "token", "options")
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -66,7 +67,11 @@ class TrainConfig:
     seq_len: int = 256  # row length; longer examples are skipped
     max_targets: int = 128  # answer tokens per row (loss positions): room for several option texts per row
     max_choices: int = 16  # option tokens per answer for the "choice" loss
-    loss: str = "choice"  # "choice": softmax over the options' tokens; "token": over the whole vocabulary
+    # "choice": softmax over the options' tokens; "token": over the whole vocabulary; "options": softmax over the
+    # options' summed log-likelihoods (what loglik scoring compares), plus ce_weight x the gold tokens' cross-entropy
+    loss: str = "choice"
+    max_options: int = 64  # option sequences per batch for the "options" loss
+    ce_weight: float = 0.0  # "options" loss only
     seed: int = 0
     remat: bool = False
     dtype: str = "float32"  # base weights + activations (bfloat16: LoRA factors, optimizer state, loss stay float32)
@@ -83,8 +88,10 @@ class TrainConfig:
         bad = [t for t in self.targets if t not in llama.LORA_MODULES]
         if bad or not self.targets:
             raise UserError(f"unknown target modules {bad or '(none)'} (choose from {', '.join(llama.LORA_MODULES)})")
-        if self.loss not in ("choice", "token"):
-            raise UserError(f"loss must be 'choice' or 'token', got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise UserError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.max_options < 2 or not (self.ce_weight >= 0 and math.isfinite(self.ce_weight)):
+            raise UserError("max_options >= 2 and ce_weight >= 0 are required")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.batch_rows < 1 or self.seq_len < 8 or self.max_targets < 1:
@@ -156,6 +163,20 @@ class Example:
     options: tuple[int, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class ChoiceExample:
+    """One multiple-choice item for the "options" loss: options[i] is the sequence context_i + option_i (an Example
+    whose n_target last tokens are the option's), gold the index of the right one. The loss is the cross-entropy of
+    the softmax over the options' summed log-likelihoods, the comparison loglik scoring makes."""
+
+    options: tuple[Example, ...]
+    gold: int
+
+    def __post_init__(self):
+        if not 0 <= self.gold < len(self.options) or len(self.options) < 2:
+            raise ValueError(f"gold {self.gold} of {len(self.options)} options (>= 2 needed)")
+
+
 def answer_text(task: Any, item: dict) -> str:
     """The reference reply a generate-mode expert is trained to give."""
     if getattr(task, "name", "") == "gsm8k":
@@ -195,6 +216,18 @@ def task_examples(task: Any, split: str, tokenizer: Any, *, max_len: int | None 
     return out
 
 
+def choice_examples(items: Sequence[tuple[Sequence[tuple[str, str]], int]], tokenizer: Any, *,
+                    max_len: int | None = None) -> list[ChoiceExample]:
+    """Items ([(context, option continuation), ...], gold index) -> ChoiceExamples, each option tokenised as
+    continuation_examples does. An item with any option longer than max_len tokens is dropped whole."""
+    out = []
+    for pairs, gold in items:
+        opts = continuation_examples(pairs, tokenizer)
+        if max_len is None or all(len(o.tokens) <= max_len for o in opts):
+            out.append(ChoiceExample(options=tuple(opts), gold=int(gold)))
+    return out
+
+
 def continuation_examples(pairs: Sequence[tuple[str, str]], tokenizer: Any, *, max_len: int | None = None
                           ) -> list[Example]:
     """Examples (context, continuation) -> tokens, loss on the continuation's tokens (whole-vocabulary softmax).
@@ -219,7 +252,9 @@ class Batch:
     """Packed rows. tokens, positions, segments: (R, T) int32; tgt_row, tgt_pos, tgt_tok: (R*K,) int32 (the token
     at tgt_pos + 1 = tgt_tok is predicted from position tgt_pos); tgt_w: (R*K,) float32 (0 = padding);
     tgt_opts: (R*K, C) int32, the option tokens the "choice" loss normalises over (-1 = none; a row of -1 means the
-    whole vocabulary)."""
+    whole vocabulary). For the "options" loss: tgt_opt (R*K,) int32, the option slot of each loss entry;
+    opt_item (O,) int32, the item slot of each option; opt_gold, opt_w (O,) float32: gold option / real option
+    (O = cfg.max_options; zeros for the other losses)."""
 
     tokens: np.ndarray
     positions: np.ndarray
@@ -229,6 +264,10 @@ class Batch:
     tgt_tok: np.ndarray
     tgt_w: np.ndarray
     tgt_opts: np.ndarray
+    tgt_opt: np.ndarray | None = None
+    opt_item: np.ndarray | None = None
+    opt_gold: np.ndarray | None = None
+    opt_w: np.ndarray | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -279,6 +318,74 @@ def packed_batches(examples: Sequence[Example], cfg: TrainConfig, seed: int) -> 
                     tgt_opts=opts.reshape(r * k, -1).astype(np.int32))
 
 
+def _place(rows_used: list[int], rows_tgt: list[int], row: int, seqs: Sequence[Example], cfg: TrainConfig
+           ) -> list[tuple[int, int]] | None:
+    """Where each sequence of one item goes (row, offset), filling rows from `row` on, or None if they do not fit
+    in the remaining rows (each row holds cfg.seq_len tokens and cfg.max_targets loss entries)."""
+    used, tgt, out = list(rows_used), list(rows_tgt), []
+    for ex in seqs:
+        while row < len(used) and (used[row] + len(ex.tokens) > cfg.seq_len or tgt[row] + ex.n_target > cfg.max_targets):
+            row += 1
+        if row == len(used):
+            return None
+        out.append((row, used[row]))
+        used[row] += len(ex.tokens)
+        tgt[row] += ex.n_target
+    return out
+
+
+def packed_choice_batches(items: Sequence[ChoiceExample], cfg: TrainConfig, seed: int) -> Iterator[Batch]:
+    """Endless stream of packed batches for the "options" loss: whole items (all their option sequences, each its
+    own segment) in a seeded shuffled order, reshuffled each epoch; a batch closes when the next item does not fit
+    its remaining rows or cfg.max_options."""
+    r, t, k, o_max = cfg.batch_rows, cfg.seq_len, cfg.max_targets, cfg.max_options
+    usable = [c for c in items if len(c.options) <= o_max and _place([0] * r, [0] * r, 0, c.options, cfg)]
+    if not usable:
+        raise UserError(f"no multiple-choice item fits {r} rows of seq_len={t} (max_targets={k}, "
+                        f"max_options={o_max})")
+    rng = np.random.RandomState(seed)
+    order: list[int] = []
+    while True:
+        tokens = np.zeros((r, t), np.int32)
+        positions = np.zeros((r, t), np.int32)
+        segments = np.zeros((r, t), np.int32)
+        tgt = np.zeros((5, r, k), np.int64)  # row, pos, tok, weight, option slot
+        opt_item = np.zeros(o_max, np.int32)
+        opt_gold = np.zeros(o_max, np.float32)
+        opt_w = np.zeros(o_max, np.float32)
+        used, n_tgt, seg = [0] * r, [0] * r, [0] * r
+        n_opt = n_item = 0
+        row = 0
+        while True:
+            if not order:
+                order = list(rng.permutation(len(usable)))
+            item = usable[order[0]]
+            spots = _place(used, n_tgt, row, item.options, cfg) if n_opt + len(item.options) <= o_max else None
+            if spots is None:
+                break  # a usable item fits an empty batch, so this batch holds at least one
+            order.pop(0)
+            for i, (ex, (rw, off)) in enumerate(zip(item.options, spots)):
+                n = len(ex.tokens)
+                seg[rw] += 1
+                tokens[rw, off : off + n] = ex.tokens
+                positions[rw, off : off + n] = np.arange(n)
+                segments[rw, off : off + n] = seg[rw]
+                for j in range(ex.n_target):
+                    tgt[:, rw, n_tgt[rw] + j] = (rw, off + n - ex.n_target - 1 + j, ex.tokens[n - ex.n_target + j], 1,
+                                                 n_opt)
+                used[rw] += n
+                n_tgt[rw] += ex.n_target
+                opt_item[n_opt], opt_gold[n_opt], opt_w[n_opt] = n_item, float(i == item.gold), 1.0
+                n_opt += 1
+                row = rw
+            n_item += 1
+        yield Batch(tokens=tokens, positions=positions, segments=segments,
+                    tgt_row=tgt[0].reshape(-1).astype(np.int32), tgt_pos=tgt[1].reshape(-1).astype(np.int32),
+                    tgt_tok=tgt[2].reshape(-1).astype(np.int32), tgt_w=tgt[3].reshape(-1).astype(np.float32),
+                    tgt_opts=np.full((r * k, 1), -1, np.int32), tgt_opt=tgt[4].reshape(-1).astype(np.int32),
+                    opt_item=opt_item, opt_gold=opt_gold, opt_w=opt_w)
+
+
 # --------------------------------------------------------------------------------------------------- model side
 def init_lora(key: jax.Array, config: llama.LlamaConfig, cfg: TrainConfig) -> dict:
     """Stacked factors of one adapter: {name: {"A": (L, 1, r, d_in), "B": (L, 1, d_out, r)}}; A ~ U(+-1/sqrt(d_in))
@@ -302,7 +409,10 @@ def answer_loss(lora: dict, params: llama.Params, batch: dict, *, config: llama.
     """Mean cross-entropy of the answer tokens. batch: the arrays of a `Batch` (see its docstring).
 
     An answer token with options (tgt_opts) is scored by a softmax over those option tokens only (exactly the
-    option probabilities choice_logprob scoring compares); any other answer token by the full-vocabulary softmax."""
+    option probabilities choice_logprob scoring compares); any other answer token by the full-vocabulary softmax.
+    cfg.loss == "options": see options_loss."""
+    if cfg.loss == "options":
+        return options_loss(lora, params, batch, config=config, cfg=cfg)
     h = llama.hidden_states(params, batch["tokens"], config=config, lora=scaled(lora, cfg.scale),
                             positions=batch["positions"], segment_ids=batch["segments"], remat=cfg.remat)[0]
     h = h[batch["tgt_row"], batch["tgt_pos"]]  # (R*K, D): only answer positions reach the output projection
@@ -316,6 +426,35 @@ def answer_loss(lora: dict, params: llama.Params, batch: dict, *, config: llama.
     nll = norm - gold
     w = batch["tgt_w"]
     return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def options_loss(lora: dict, params: llama.Params, batch: dict, *, config: llama.LlamaConfig, cfg: TrainConfig):
+    """Mean over items of -log softmax_gold(s), s_o = sum of the log-probabilities of option o's tokens after its
+    context (exactly loglik scoring's `acc` score), plus cfg.ce_weight x the mean cross-entropy of the gold options'
+    tokens. batch: the arrays of a `Batch` from packed_choice_batches (O = cfg.max_options option slots)."""
+    h = llama.hidden_states(params, batch["tokens"], config=config, lora=scaled(lora, cfg.scale),
+                            positions=batch["positions"], segment_ids=batch["segments"], remat=cfg.remat)[0]
+    h = h[batch["tgt_row"], batch["tgt_pos"]]
+    logits = llama.logits_from_hidden(params, h)  # (M, V) fp32
+    lp = jnp.take_along_axis(logits, batch["tgt_tok"][:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+    w = batch["tgt_w"]
+    n_opt = cfg.max_options
+    score = jax.ops.segment_sum(lp * w, batch["tgt_opt"], num_segments=n_opt)  # (O,) summed option log-likelihood
+    valid = batch["opt_w"] > 0
+    item = batch["opt_item"]
+    masked = jnp.where(valid, score, -jnp.inf)
+    peak = jax.ops.segment_max(masked, item, num_segments=n_opt)  # (I,) with I = O slots
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    total = jax.ops.segment_sum(jnp.where(valid, jnp.exp(score - peak[item]), 0.0), item, num_segments=n_opt)
+    has = total > 0
+    lse = jnp.where(has, jnp.log(jnp.where(has, total, 1.0)) + peak, 0.0)
+    gold = jax.ops.segment_sum(score * batch["opt_gold"], item, num_segments=n_opt)
+    n_items = jnp.maximum(jnp.sum(has), 1)
+    loss = jnp.sum(jnp.where(has, lse - gold, 0.0)) / n_items
+    if cfg.ce_weight:
+        gw = w * batch["opt_gold"][batch["tgt_opt"]]
+        loss = loss + cfg.ce_weight * (-jnp.sum(lp * gw) / jnp.maximum(jnp.sum(gw), 1.0))
+    return loss
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -336,7 +475,7 @@ def train_step(lora, opt_state, params, batch, *, config: llama.LlamaConfig, cfg
 
 
 def _device_batch(b: Batch) -> dict:
-    return {f.name: jnp.asarray(getattr(b, f.name)) for f in dataclasses.fields(b)}
+    return {f.name: jnp.asarray(getattr(b, f.name)) for f in dataclasses.fields(b) if getattr(b, f.name) is not None}
 
 
 def to_factors(lora: dict, config: llama.LlamaConfig, cfg: TrainConfig) -> dict:
@@ -344,17 +483,21 @@ def to_factors(lora: dict, config: llama.LlamaConfig, cfg: TrainConfig) -> dict:
     return llama.unstack_lora(scaled(lora, cfg.scale), config)
 
 
-def train_expert(key: jax.Array, params: llama.Params, config: llama.LlamaConfig, examples: Sequence[Example],
+def train_expert(key: jax.Array, params: llama.Params, config: llama.LlamaConfig,
+                 examples: Sequence[Example] | Sequence[ChoiceExample],
                  cfg: TrainConfig, *, on_step: Callable[[int, float, int], None] | None = None
                  ) -> tuple[dict, list[float], dict]:
     """Train one adapter. Returns (factors (P = 1, Contract 1), per-step losses, stats {tokens, seconds, ...}).
 
     on_step(step, loss, tokens_in_step) is called after every step (progress bars, logs)."""
+    choice = [isinstance(e, ChoiceExample) for e in examples]
+    if any(choice) and not all(choice) or (cfg.loss == "options") != all(choice):
+        raise UserError(f'loss {cfg.loss!r} needs {"ChoiceExamples" if cfg.loss == "options" else "Examples"} only')
     k_init, k_data = jax.random.split(key)
     data_seed = int(jax.random.randint(k_data, (), 0, 2**31 - 1))
     lora = init_lora(k_init, config, cfg)
     opt_state = make_optimizer(cfg).init(lora)
-    batches = packed_batches(examples, cfg, data_seed)
+    batches = (packed_choice_batches if cfg.loss == "options" else packed_batches)(examples, cfg, data_seed)
     losses, n_tokens, n_answer = [], 0, 0
     t0 = time.perf_counter()
     t_first = None
@@ -463,6 +606,8 @@ def _bar(total: int, desc: str, enabled: bool):
 def _cfg_json(cfg: TrainConfig) -> dict:
     d = dataclasses.asdict(cfg)
     d["targets"] = list(cfg.targets)
+    if cfg.loss != "options":  # no effect on the other losses: left out, so their pools keep their recipe hashes
+        del d["max_options"], d["ce_weight"]
     return d
 
 
