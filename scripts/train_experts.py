@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "options' summed log-likelihoods, the comparison loglik scoring makes")
     p.add_argument("--ce_weight", type=float, default=D.ce_weight,
                    help="options loss: add this x the gold tokens' cross-entropy")
+    p.add_argument("--option_score", choices=("sum", "mean"), default=D.option_score,
+                   help="options loss: an option's score is its summed log-likelihood (acc) or per token (mean)")
     p.add_argument("--max_targets", type=int, default=D.max_targets, help="loss tokens per packed row")
     p.add_argument("--max_options", type=int, default=D.max_options, help="options loss: option sequences per step")
     p.add_argument("--seed", type=int, default=D.seed)
@@ -178,6 +180,7 @@ def _run(args: argparse.Namespace) -> int:
         rank=args.rank, alpha=args.alpha, targets=tuple(args.targets), steps=args.steps, lr=args.lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, batch_rows=args.batch_rows,
         seq_len=args.seq_len, seed=args.seed, remat=args.remat, loss=args.loss, ce_weight=args.ce_weight,
+        option_score=args.option_score,
         max_targets=args.max_targets, max_options=args.max_options)
     examples = pool_examples(model_path, specs, cfg)  # fails fast on unknown tasks, before the model loads
     result = trainer.train_pool(model_path, specs, examples, out, cfg, progress=not args.no_progress,

@@ -72,6 +72,7 @@ class TrainConfig:
     loss: str = "choice"
     max_options: int = 64  # option sequences per batch for the "options" loss
     ce_weight: float = 0.0  # "options" loss only
+    option_score: str = "sum"  # "options" loss: an option's score is its summed log-likelihood, or "mean" per token
     seed: int = 0
     remat: bool = False
     dtype: str = "float32"  # base weights + activations (bfloat16: LoRA factors, optimizer state, loss stay float32)
@@ -92,6 +93,8 @@ class TrainConfig:
             raise UserError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.max_options < 2 or not (self.ce_weight >= 0 and math.isfinite(self.ce_weight)):
             raise UserError("max_options >= 2 and ce_weight >= 0 are required")
+        if self.option_score not in ("sum", "mean"):
+            raise UserError(f"option_score must be 'sum' or 'mean', got {self.option_score!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.batch_rows < 1 or self.seq_len < 8 or self.max_targets < 1:
@@ -430,7 +433,7 @@ def answer_loss(lora: dict, params: llama.Params, batch: dict, *, config: llama.
 
 def options_loss(lora: dict, params: llama.Params, batch: dict, *, config: llama.LlamaConfig, cfg: TrainConfig):
     """Mean over items of -log softmax_gold(s), s_o = sum of the log-probabilities of option o's tokens after its
-    context (exactly loglik scoring's `acc` score), plus cfg.ce_weight x the mean cross-entropy of the gold options'
+    context (exactly loglik scoring's `acc` score; divided by its token count under cfg.option_score="mean"), plus cfg.ce_weight x the mean cross-entropy of the gold options'
     tokens. batch: the arrays of a `Batch` from packed_choice_batches (O = cfg.max_options option slots)."""
     h = llama.hidden_states(params, batch["tokens"], config=config, lora=scaled(lora, cfg.scale),
                             positions=batch["positions"], segment_ids=batch["segments"], remat=cfg.remat)[0]
@@ -440,6 +443,8 @@ def options_loss(lora: dict, params: llama.Params, batch: dict, *, config: llama
     w = batch["tgt_w"]
     n_opt = cfg.max_options
     score = jax.ops.segment_sum(lp * w, batch["tgt_opt"], num_segments=n_opt)  # (O,) summed option log-likelihood
+    if cfg.option_score == "mean":  # per token: long options are not penalised for their length (cf. acc_norm)
+        score = score / jnp.maximum(jax.ops.segment_sum(w, batch["tgt_opt"], num_segments=n_opt), 1.0)
     valid = batch["opt_w"] > 0
     item = batch["opt_item"]
     masked = jnp.where(valid, score, -jnp.inf)
@@ -607,7 +612,7 @@ def _cfg_json(cfg: TrainConfig) -> dict:
     d = dataclasses.asdict(cfg)
     d["targets"] = list(cfg.targets)
     if cfg.loss != "options":  # no effect on the other losses: left out, so their pools keep their recipe hashes
-        del d["max_options"], d["ce_weight"]
+        del d["max_options"], d["ce_weight"], d["option_score"]
     return d
 
 

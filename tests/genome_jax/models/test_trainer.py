@@ -283,10 +283,10 @@ def test_pool_cache_trains_each_expert_once_and_bit_identically_in_any_pool(tmp_
     assert all(np.array_equal(a[k], c[k]) for k in a)
 
 
-def _choice_items(vocab: int, n: int, seed: int = 0) -> list[trainer.ChoiceExample]:
-    """A learnable toy multiple-choice task: a prompt of 3..12 random tokens, 2..4 options of 2 tokens each;
-    the gold option is the one that starts with token 5 + the parity of the prompt's last token (the others start
-    with any other token)."""
+def _choice_items(vocab: int, n: int, seed: int = 0, varied: bool = False) -> list[trainer.ChoiceExample]:
+    """A learnable toy multiple-choice task: a prompt of 3..12 random tokens, 2..4 options of 2 tokens each (1..3 if
+    varied); the gold option starts with token 5 + the parity of the prompt's last token, the others with any other
+    token."""
     rs = np.random.RandomState(seed)
     out = []
     for _ in range(n):
@@ -297,7 +297,7 @@ def _choice_items(vocab: int, n: int, seed: int = 0) -> list[trainer.ChoiceExamp
         for i in range(n_opt):
             right = 5 + prompt[-1] % 2
             first = right if i == gold else int(rs.choice([t for t in range(1, vocab) if t != right]))
-            cont = [first, int(rs.randint(1, vocab))]
+            cont = [first] + [int(t) for t in rs.randint(1, vocab, rs.randint(0, 3) if varied else 1)]
             opts.append(trainer.Example(tokens=tuple(prompt + cont), n_target=len(cont)))
         out.append(trainer.ChoiceExample(options=tuple(opts), gold=gold))
     return out
@@ -341,7 +341,7 @@ def test_options_loss_against_transformers(tiny):
     transformers' own forward of each option sequence (float64 numpy), averaged over items; plus ce_weight x the
     gold tokens' mean cross-entropy."""
     _, model, cfg, params = tiny
-    items = _choice_items(cfg.vocab_size, 9, seed=4)
+    items = _choice_items(cfg.vocab_size, 9, seed=4, varied=True)
     b = next(trainer.packed_choice_batches(items, OPTIONS, seed=0))
     lora = trainer.init_lora(jax.random.key(0), cfg, OPTIONS)
     real = b.opt_w > 0
@@ -355,7 +355,7 @@ def test_options_loss_against_transformers(tiny):
                  for s in slots]
         in_batch.append(next(c for c in items if tuple(o.tokens for o in c.options) == tuple(first)))
     assert len(in_batch) >= 2
-    item_nll, gold_tok = [], []
+    item_nll, item_mean, gold_tok = [], [], []
     for c in in_batch:
         scores = []
         for i, ex in enumerate(c.options):
@@ -370,10 +370,15 @@ def test_options_loss_against_transformers(tiny):
                 gold_tok += tok
         s = np.array(scores)
         item_nll.append(np.log(np.exp(s - s.max()).sum()) + s.max() - s[c.gold])
+        m = s / np.array([ex.n_target for ex in c.options])  # option_score="mean": per token
+        item_mean.append(np.log(np.exp(m - m.max()).sum()) + m.max() - m[c.gold])
     for ce in (0.0, 0.5):
         cfg_ce = dataclasses.replace(OPTIONS, ce_weight=ce)
         loss = float(trainer.answer_loss(lora, params, trainer._device_batch(b), config=cfg, cfg=cfg_ce))
         np.testing.assert_allclose(loss, np.mean(item_nll) - ce * np.mean(gold_tok), rtol=2e-4)
+    cfg_mean = dataclasses.replace(OPTIONS, option_score="mean")
+    loss = float(trainer.answer_loss(lora, params, trainer._device_batch(b), config=cfg, cfg=cfg_mean))
+    np.testing.assert_allclose(loss, np.mean(item_mean), rtol=2e-4)
 
 
 def test_options_loss_learns_the_comparison(tiny):
