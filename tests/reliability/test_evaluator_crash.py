@@ -162,16 +162,18 @@ def test_killed_worker_is_restarted_and_the_run_ends_as_without_fault(experts, m
     env = dict(kv.split("=", 1) for kv in Path(f"/proc/{worker}/environ").read_text().split("\0") if "=" in kv)
     assert env.get("VLLM_HOST_IP") == "127.0.0.1" and env.get("GLOO_SOCKET_IFNAME") == "lo"
 
-    # generation 1 exported (3rd export: experts, initial population, generation 1): freeze the worker before it
-    # can answer, let the run send the job and wait for it, then kill the worker mid-generation
-    run.wait_for(trace, "exported", 3, deadline)
-    worker = _worker_of(run.proc.pid)  # (the same one, unless something else killed it meanwhile: see stderr)
-    assert worker is not None, f"no evaluator worker at generation 1\n{run.stderr()}"
+    # freeze the worker as soon as the initial population is scored (2nd scoring: experts, initial population),
+    # while the run checkpoints, breeds and exports generation 1 (3rd export): the worker cannot answer that job.
+    # (Freezing after the 3rd export lost the race on a fast bf16 CPU: 4 items x 3 adapters score in ~0.1 s.)
+    run.wait_for(trace, "scored", 2, deadline)
     os.killpg(worker, signal.SIGSTOP)  # the worker leads its own process group
-    t_wait = time.monotonic() + 10  # until the run has sent the job (unless the worker had read it already)
+    run.wait_for(trace, "exported", 3, deadline)
+    assert _worker_of(run.proc.pid) == worker, f"the evaluator worker changed before generation 1\n{run.stderr()}"
+    t_wait = time.monotonic() + 60  # until the run has sent the job to the frozen worker
     while time.monotonic() < t_wait and _unread_input(worker) == 0:
         time.sleep(0.05)
-    assert trace.read_text().split().count("scored") == 2, "generation 1 was scored before the kill (race lost)"
+    assert _unread_input(worker) > 0, f"the run never sent generation 1's job\n{run.stderr()}"
+    assert trace.read_text().split().count("scored") == 2, "generation 1 was scored before the kill"
     os.killpg(worker, signal.SIGKILL)
     t_kill = time.monotonic()
     rc = run.proc.wait(timeout=900)
