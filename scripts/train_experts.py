@@ -7,7 +7,8 @@ training examples; the math lives in genome_jax.models.trainer, which knows noth
 writes DIR/<name>/ (PEFT folders that peft and vLLM load, each with expert.json: training slice and held-out slice,
 and genome_provenance.json: the task file, split and item hashes it was trained on) and DIR/train_log.json (config, loss curve per expert, tokens/s). An example is the task's loglik context followed by
 the gold option's text (" {option}"), with the loss on the option's tokens: exactly the log-likelihood that
-`--scoring loglik` compares across options. `genome train-experts --demo` (or `--pool quality`) builds or reuses a
+`--scoring loglik` compares across options; `--loss options` trains on that comparison itself (a softmax over every
+option's log-likelihood, each item packed whole). `genome train-experts --demo` (or `--pool quality`) builds or reuses a
 cached pool and prints its folder. Held-out accuracies: `genome eval --scoring loglik` on each expert's held-out
 slice (docs/EXPERTS.md).
 """

@@ -26,6 +26,25 @@ def test_loglik_pairs_are_the_gold_options_requests():
         train_experts.loglik_pairs(gsm, gsm.load("dev", 1))
 
 
+def test_choice_items_hold_every_option_in_label_order_and_the_gold_index():
+    """The options loss trains on all of an item's scored sequences: the same (context, continuation) pairs the
+    task's loglik mode scores, in label order, with the gold label's index (a text-independent check: the gold
+    pair is loglik_pairs' gold, and every option text appears once)."""
+    for name in ("arc_c", "winogrande", "boolq"):
+        task = get_task(name)
+        items = task.load("dev", 6)
+        got = train_experts.loglik_choice_items(task, items)
+        for it, (pairs, gold), gold_pair in zip(items, got, train_experts.loglik_pairs(task, items)):
+            labels = list(it["choices"])
+            assert len(pairs) == len(labels) and pairs[gold] == gold_pair and labels[gold] == it["answer"]
+            for (ctx, cont), label in zip(pairs, labels):
+                text = str(it["choices"][label]).strip()
+                assert text in ctx + cont  # WinoGrande substitutes the option into the context; others continue
+    bad = dict(get_task("arc_c").load("dev", 1)[0], answer="Z")
+    with pytest.raises(UserError, match="not one of the choices"):
+        train_experts.loglik_choice_items(get_task("arc_c"), [bad])
+
+
 def test_slices_and_pools_keep_targets_untouched():
     csqa = get_task("commonsense_qa")
     spec = trainer.ExpertSpec.parse("c=commonsense_qa:test[200:]")
