@@ -91,8 +91,10 @@ class TrainConfig:
             raise UserError(f"unknown target modules {bad or '(none)'} (choose from {', '.join(llama.LORA_MODULES)})")
         if self.loss not in LOSSES:
             raise UserError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.max_options < 2 or not (self.ce_weight >= 0 and math.isfinite(self.ce_weight)):
-            raise UserError("max_options >= 2 and ce_weight >= 0 are required")
+        if self.max_options < 2:
+            raise UserError(f"max_options must be >= 2, got {self.max_options}")
+        if not (self.ce_weight >= 0 and math.isfinite(self.ce_weight)):
+            raise UserError(f"ce_weight must be >= 0, got {self.ce_weight}")
         if self.option_score not in ("sum", "mean"):
             raise UserError(f"option_score must be 'sum' or 'mean', got {self.option_score!r}")
         if self.dtype not in ("float32", "bfloat16"):

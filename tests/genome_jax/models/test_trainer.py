@@ -40,6 +40,12 @@ def test_config_and_spec_validation():
         trainer.TrainConfig(loss="mse")
     with pytest.raises(UserError, match="warmup_steps"):
         trainer.TrainConfig(steps=3, warmup_steps=3)
+    with pytest.raises(UserError, match="max_options must be >= 2, got 1"):
+        trainer.TrainConfig(loss="options", max_options=1)
+    with pytest.raises(UserError, match="ce_weight must be >= 0"):
+        trainer.TrainConfig(loss="options", ce_weight=float("nan"))
+    with pytest.raises(UserError, match="option_score must be"):
+        trainer.TrainConfig(loss="options", option_score="max")
     assert trainer.ExpertSpec.parse("m=mmlu") == trainer.ExpertSpec("m", "mmlu", "test")
     assert trainer.ExpertSpec.parse("m=/x/a:b.json:dev") == trainer.ExpertSpec("m", "/x/a:b.json", "dev")
     with pytest.raises(UserError, match="expected NAME=TASKFILE"):
