@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "options' summed log-likelihoods, the comparison loglik scoring makes")
     p.add_argument("--ce_weight", type=float, default=D.ce_weight,
                    help="options loss: add this x the gold tokens' cross-entropy")
-    p.add_argument("--option_score", choices=("sum", "mean"), default=D.option_score,
+    p.add_argument("--option_score", choices=trainer.OPTION_SCORES, default=D.option_score,
                    help="options loss: an option's score is its summed log-likelihood (acc) or per token (mean)")
     p.add_argument("--max_targets", type=int, default=D.max_targets, help="loss tokens per packed row")
     p.add_argument("--max_options", type=int, default=D.max_options, help="options loss: option sequences per step")
@@ -67,10 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------------------------- examples
-def loglik_pairs(task: Any, items: Sequence[dict]) -> list[tuple[str, str]]:
-    """(context, gold continuation) per item, exactly as the task's loglik mode scores the gold option: its
-    loglik_requests, flattened in label order (one request with every option for most tasks, one per option for
-    WinoGrande's partial scoring), at the gold label's position."""
+def loglik_choice_items(task: Any, items: Sequence[dict]) -> list[tuple[list[tuple[str, str]], int]]:
+    """([(context, option continuation) for every option], gold index) per item, exactly as the task's loglik mode
+    scores them: its loglik_requests, flattened in label order (one request with every option for most tasks, one
+    per option for WinoGrande's partial scoring); the gold index is the answer label's position."""
     if "loglik" not in getattr(task, "modes", ()):
         raise UserError(f"task '{task.name}' has no loglik mode; train-experts trains on multiple-choice tasks")
     out = []
@@ -80,17 +80,13 @@ def loglik_pairs(task: Any, items: Sequence[dict]) -> list[tuple[str, str]]:
         if it.get("answer") not in labels:
             raise UserError(f"{task.name}: item {it.get('id', it.get('_index'))}: answer {it.get('answer')!r} "
                               f"is not one of the choices {labels}")
-        pairs = [(r.prompt, o) for r in task.loglik_requests(it) for o in r.options]
-        out.append(pairs[labels.index(it["answer"])])
+        out.append(([(r.prompt, o) for r in task.loglik_requests(it) for o in r.options], labels.index(it["answer"])))
     return out
 
 
-def loglik_choice_items(task: Any, items: Sequence[dict]) -> list[tuple[list[tuple[str, str]], int]]:
-    """([(context, option continuation) for every option in label order], gold index) per item, as the task's
-    loglik mode scores them (the "options" loss trains on the comparison itself)."""
-    loglik_pairs(task, items)  # validates every item (choices, answer, WinoGrande blank)
-    return [([(r.prompt, o) for r in task.loglik_requests(it) for o in r.options], list(it["choices"]).index(it["answer"]))
-            for it in items]
+def loglik_pairs(task: Any, items: Sequence[dict]) -> list[tuple[str, str]]:
+    """(context, gold continuation) per item: the gold option's pair of loglik_choice_items."""
+    return [pairs[gold] for pairs, gold in loglik_choice_items(task, items)]
 
 
 def spec_items(task: Any, spec: Any) -> list[dict]:

@@ -43,6 +43,7 @@ from genome_jax.population import Population, PopulationMeta, export_adapter
 
 SPLITS = ("dev", "test")
 LOSSES = ("choice", "token", "options")
+OPTION_SCORES = ("sum", "mean")  # "options" loss: an option's summed log-likelihood, or per token
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -95,8 +96,8 @@ class TrainConfig:
             raise UserError(f"max_options must be >= 2, got {self.max_options}")
         if not (self.ce_weight >= 0 and math.isfinite(self.ce_weight)):
             raise UserError(f"ce_weight must be >= 0, got {self.ce_weight}")
-        if self.option_score not in ("sum", "mean"):
-            raise UserError(f"option_score must be 'sum' or 'mean', got {self.option_score!r}")
+        if self.option_score not in OPTION_SCORES:
+            raise UserError(f"option_score must be one of {', '.join(OPTION_SCORES)}, got {self.option_score!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.batch_rows < 1 or self.seq_len < 8 or self.max_targets < 1:
@@ -329,7 +330,8 @@ def _place(rows_used: list[int], rows_tgt: list[int], row: int, seqs: Sequence[E
     in the remaining rows (each row holds cfg.seq_len tokens and cfg.max_targets loss entries)."""
     used, tgt, out = list(rows_used), list(rows_tgt), []
     for ex in seqs:
-        while row < len(used) and (used[row] + len(ex.tokens) > cfg.seq_len or tgt[row] + ex.n_target > cfg.max_targets):
+        while row < len(used) and (used[row] + len(ex.tokens) > cfg.seq_len
+                                   or tgt[row] + ex.n_target > cfg.max_targets):
             row += 1
         if row == len(used):
             return None
@@ -410,6 +412,14 @@ def scaled(lora: dict, scale: float) -> dict:
     return {n: {"A": ab["A"], "B": ab["B"] * scale} for n, ab in lora.items()}
 
 
+def _target_logits(lora: dict, params: llama.Params, batch: dict, *, config: llama.LlamaConfig, cfg: TrainConfig):
+    """(M, V) float32 logits at the loss positions (tgt_row, tgt_pos) of a packed batch: only those reach the
+    output projection."""
+    h = llama.hidden_states(params, batch["tokens"], config=config, lora=scaled(lora, cfg.scale),
+                            positions=batch["positions"], segment_ids=batch["segments"], remat=cfg.remat)[0]
+    return llama.logits_from_hidden(params, h[batch["tgt_row"], batch["tgt_pos"]])
+
+
 def answer_loss(lora: dict, params: llama.Params, batch: dict, *, config: llama.LlamaConfig, cfg: TrainConfig):
     """Mean cross-entropy of the answer tokens. batch: the arrays of a `Batch` (see its docstring).
 
@@ -418,10 +428,7 @@ def answer_loss(lora: dict, params: llama.Params, batch: dict, *, config: llama.
     cfg.loss == "options": see options_loss."""
     if cfg.loss == "options":
         return options_loss(lora, params, batch, config=config, cfg=cfg)
-    h = llama.hidden_states(params, batch["tokens"], config=config, lora=scaled(lora, cfg.scale),
-                            positions=batch["positions"], segment_ids=batch["segments"], remat=cfg.remat)[0]
-    h = h[batch["tgt_row"], batch["tgt_pos"]]  # (R*K, D): only answer positions reach the output projection
-    logits = llama.logits_from_hidden(params, h)  # (M, V) fp32
+    logits = _target_logits(lora, params, batch, config=config, cfg=cfg)
     gold = jnp.take_along_axis(logits, batch["tgt_tok"][:, None], axis=-1)[:, 0]
     opts = batch["tgt_opts"]  # (M, C)
     opt_logits = jnp.where(opts >= 0, jnp.take_along_axis(logits, jnp.maximum(opts, 0), axis=-1), -jnp.inf)
@@ -435,12 +442,10 @@ def answer_loss(lora: dict, params: llama.Params, batch: dict, *, config: llama.
 
 def options_loss(lora: dict, params: llama.Params, batch: dict, *, config: llama.LlamaConfig, cfg: TrainConfig):
     """Mean over items of -log softmax_gold(s), s_o = sum of the log-probabilities of option o's tokens after its
-    context (exactly loglik scoring's `acc` score; divided by its token count under cfg.option_score="mean"), plus cfg.ce_weight x the mean cross-entropy of the gold options'
-    tokens. batch: the arrays of a `Batch` from packed_choice_batches (O = cfg.max_options option slots)."""
-    h = llama.hidden_states(params, batch["tokens"], config=config, lora=scaled(lora, cfg.scale),
-                            positions=batch["positions"], segment_ids=batch["segments"], remat=cfg.remat)[0]
-    h = h[batch["tgt_row"], batch["tgt_pos"]]
-    logits = llama.logits_from_hidden(params, h)  # (M, V) fp32
+    context (exactly loglik scoring's `acc` score; divided by its token count under option_score="mean"), plus
+    cfg.ce_weight x the mean cross-entropy of the gold options' tokens. batch: the arrays of a `Batch` from
+    packed_choice_batches (O = cfg.max_options option slots)."""
+    logits = _target_logits(lora, params, batch, config=config, cfg=cfg)
     lp = jnp.take_along_axis(logits, batch["tgt_tok"][:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
     w = batch["tgt_w"]
     n_opt = cfg.max_options
@@ -497,8 +502,7 @@ def train_expert(key: jax.Array, params: llama.Params, config: llama.LlamaConfig
     """Train one adapter. Returns (factors (P = 1, Contract 1), per-step losses, stats {tokens, seconds, ...}).
 
     on_step(step, loss, tokens_in_step) is called after every step (progress bars, logs)."""
-    choice = [isinstance(e, ChoiceExample) for e in examples]
-    if any(choice) and not all(choice) or (cfg.loss == "options") != all(choice):
+    if any(isinstance(e, ChoiceExample) != (cfg.loss == "options") for e in examples):
         raise UserError(f'loss {cfg.loss!r} needs {"ChoiceExamples" if cfg.loss == "options" else "Examples"} only')
     k_init, k_data = jax.random.split(key)
     data_seed = int(jax.random.randint(k_data, (), 0, 2**31 - 1))

@@ -425,4 +425,5 @@ def test_options_fields_enter_the_recipe_hash_only_under_the_options_loss(tmp_pa
     plain = trainer.recipe_hash(tmp_path, spec, trainer.TrainConfig())
     assert trainer.recipe_hash(tmp_path, spec, trainer.TrainConfig(max_options=32, ce_weight=1.0)) == plain
     opt = trainer.recipe_hash(tmp_path, spec, trainer.TrainConfig(loss="options"))
-    assert opt != plain and opt != trainer.recipe_hash(tmp_path, spec, trainer.TrainConfig(loss="options", ce_weight=1.0))
+    weighted = trainer.TrainConfig(loss="options", ce_weight=1.0)
+    assert opt != plain and opt != trainer.recipe_hash(tmp_path, spec, weighted)
