@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-threads", type=int, default=1,
                         help="torch threads for the baseline (1 is its fastest setting on the shared 2-core box)")
     parser.add_argument("--mem-budget-gb", type=float, default=3.0,
-                        help="bytes of population + children + mutation's draw allowed per size (layers shrink to fit)")
+                        help="bytes allowed per size for 3 copies of the population (population, children, "
+                             "headroom); layers shrink to fit")
     parser.add_argument("--probe-mb", type=int, default=512, help="size of the bandwidth probe's array")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="measure cold/warm compile of ask + tell in fresh processes (default on)")
@@ -269,7 +270,7 @@ def _child(args, extra: list[str], env: dict | None = None, tag: str = "ROW ") -
 
 
 def _layers_for(args, P: int) -> int:
-    per_layer = 3 * P * LAYER_PARAMS * 4  # population + children + the mutation's (P, genes) draw
+    per_layer = 3 * P * LAYER_PARAMS * 4  # population + children + headroom (kept at 3 so sizes compare across runs)
     return max(1, min(args.layers, int(args.mem_budget_gb * 1e9 // per_layer)))
 
 

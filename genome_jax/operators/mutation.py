@@ -7,8 +7,10 @@ does not depend on the population size.
 
 `gaussian_mutation`: GENOME's mutation. Each individual is picked with probability `individual_rate`; in a
 picked individual every gene (every entry of every A and B) is picked with probability `gene_rate` and gets
-N(0, sigma^2) noise added (one uniform draw per gene serves both the mask and the noise, see `_gaussian_delta`).
-Non-picked genes are returned bit-for-bit unchanged.
+N(0, sigma^2) noise added. Only picked individuals are drawn for: the mutated positions by their geometric gaps
+when the part holds at least SPARSE_MIN_GENES genes (`_sparse_genes`: O(mutated genes) draws), else one uniform
+per gene serving both the mask and the noise (`_gaussian_genes`). Non-picked genes are returned bit-for-bit
+unchanged.
 
 `svd_mutation`: noise shaped by the individual's own update. Per module, ΔW = B @ A = U diag(S) V^T is taken from
 the small factors (QR of B and of A^T, SVD of the r x r core; ΔW itself is never formed), and a picked individual
@@ -44,7 +46,7 @@ def resolve_schedule(value: ScalarOrSchedule, step) -> jax.Array:
     return jnp.asarray(v, jnp.float32)
 
 
-def _gaussian_delta(key, n_genes: int, *, individual_rate, gene_rate, sigma):
+def _gaussian_genes(k_genes, picked, n_genes: int, *, gene_rate, sigma):
     """One individual's additive change over its flattened genes: ((n_genes,) float32, changed: () bool).
 
     One uniform draw u per gene decides both things: the gene mutates when u < gene_rate (and the individual was
@@ -52,18 +54,45 @@ def _gaussian_delta(key, n_genes: int, *, individual_rate, gene_rate, sigma):
     the draw costs one random number per gene. (float32 uniforms have 2^-23 resolution, so the noise's tails are
     cut near |z| = 4.4 sigma at gene_rate 0.01; nothing else about the distribution changes.)
     """
-    k_ind, k_genes = jax.random.split(key)
-    picked = jax.random.bernoulli(k_ind, individual_rate)
-    return _gaussian_genes(k_genes, picked, n_genes, gene_rate=gene_rate, sigma=sigma)
-
-
-def _gaussian_genes(k_genes, picked, n_genes: int, *, gene_rate, sigma):
-    """The gene part of `_gaussian_delta` for an individual whose pick is already drawn."""
     u = jax.random.uniform(k_genes, (n_genes,), jnp.float32)
     rate = jnp.asarray(gene_rate, jnp.float32)
     mask = (u < rate) & picked  # gene_rate 0: never (u >= 0)
     z = ndtri(jnp.clip(u / jnp.maximum(rate, 1e-30), 1e-7, 1.0 - 1e-7))
     return jnp.where(mask, sigma * z, 0.0), jnp.any(mask) & (sigma != 0)
+
+
+# Sparse draws: at GENOME's gene rates (0.01) a picked individual mutates ~1% of its genes, and one uniform per gene
+# (threefry on CPU, ~10 ns each) was most of a generation's time. For a part with at least SPARSE_MIN_GENES genes the
+# mutated positions are drawn as a Bernoulli(gene_rate) process by its geometric gaps, capped at n_genes // 32 of
+# them (rates up to ~2.5% fit; 8 sd of headroom at 1%), so the cost is O(mutated genes); when the walk does not pass
+# the end within the cap, the individual's genes are drawn densely instead.
+SPARSE_MIN_GENES = 2048
+
+
+def _sparse_cap(n_genes: int) -> int:
+    """Static number of gaps drawn per individual by `_sparse_genes` (0: use the dense draw)."""
+    cap = n_genes // 32
+    if n_genes < SPARSE_MIN_GENES or cap * (n_genes + 1) >= 2 ** 31:  # positions are int32 cumulative sums
+        return 0
+    return cap
+
+
+def _sparse_genes(key, n_genes: int, cap: int, *, gene_rate, sigma):
+    """The mutated genes of one picked individual from `cap` geometric gaps: ((n_genes,) change, changed (),
+    complete ()): complete is False when the cap-th mutated position is still inside the genes (more mutations
+    than the cap), and the caller then draws densely."""
+    k_gap, k_val = jax.random.split(key)
+    rate = jnp.asarray(gene_rate, jnp.float32)
+    u = 1.0 - jax.random.uniform(k_gap, (cap,), jnp.float32)  # (0, 1]
+    # trials up to and including the next success of Bernoulli(rate): 1 + floor(log u / log(1 - rate))
+    g = jnp.floor(jnp.log(u) / jnp.log1p(-rate)) + 1.0
+    g = jnp.where(jnp.isnan(g) | (rate <= 0), n_genes + 1.0, jnp.clip(g, 1.0, n_genes + 1.0))
+    pos = jnp.cumsum(g.astype(jnp.int32)) - 1  # strictly increasing positions of the mutated genes
+    inside = pos < n_genes
+    z = jax.random.normal(k_val, (cap,), jnp.float32) * sigma
+    delta = jnp.zeros((n_genes,), jnp.float32).at[pos].set(jnp.where(inside, z, 0.0), mode="drop",
+                                                           indices_are_sorted=True, unique_indices=True)
+    return delta, jnp.any(inside) & (sigma != 0), pos[-1] >= n_genes
 
 
 def pick_individuals(key, n: int, individual_rate, n_gene_keys: int = 1):
@@ -79,15 +108,48 @@ def pick_individuals(key, n: int, individual_rate, n_gene_keys: int = 1):
     return jax.vmap(one)(jax.random.split(key, n))
 
 
-def _leaf_apply(leaves, delta):
-    """Add the (n, sum of leaf sizes) change to the leaves (n, ...); untouched genes keep their exact bits."""
-    out, start = [], 0
-    for x in leaves:
-        size = math.prod(x.shape[1:])
-        d = delta[:, start:start + size].reshape(x.shape).astype(x.dtype)
-        out.append(jnp.where(d != 0, x + d, x))  # untouched genes keep their exact bits (even -0.0)
-        start += size
-    return out
+def _mutate_rows(gene_keys, picked, leaves, *, gene_rate, sigma):
+    """Mutate the picked rows of `leaves` (each (n, ...)) in place: ((leaves', mutated (n,) bool)).
+
+    Individual i draws its genes over the concatenation of its rows in every leaf from gene_keys[i]: sparsely
+    (`_sparse_genes`) when the rows hold at least SPARSE_MIN_GENES genes, else one uniform per gene
+    (`_gaussian_genes`). Rows of individuals not picked are never drawn for, so a generation costs one pass over the
+    rows plus the draws of the picked individuals only, not a (n, G) change. Untouched genes keep their exact bits
+    (even -0.0)."""
+    n = leaves[0].shape[0]
+    sizes = [math.prod(x.shape[1:]) for x in leaves]
+    total = sum(sizes)
+
+    cap = _sparse_cap(total)
+
+    def dense(key):
+        return _gaussian_genes(key, jnp.bool_(True), total, gene_rate=gene_rate, sigma=sigma)
+
+    def mutate(key, rows):
+        if cap:
+            delta, changed, complete = _sparse_genes(key, total, cap, gene_rate=gene_rate, sigma=sigma)
+            delta, changed = jax.lax.cond(complete, lambda k: (delta, changed), dense, key)
+        else:
+            delta, changed = dense(key)
+        out, start = [], 0
+        for row, size in zip(rows, sizes):
+            d = delta[start:start + size].reshape(row.shape).astype(row.dtype)
+            out.append(jnp.where(d != 0, row + d, row))
+            start += size
+        return out, changed
+
+    order = jnp.argsort(~picked, stable=True)  # the picked individuals first, in index order
+
+    def body(j, carry):
+        xs, mutated = carry
+        i = order[j]
+        # one row per leaf in, one out: the loop updates the buffers in place
+        rows, changed = mutate(gene_keys[i], [x[i] for x in xs])
+        xs = [jax.lax.dynamic_update_index_in_dim(x, r, i, 0) for x, r in zip(xs, rows)]
+        return xs, mutated.at[i].set(changed)
+
+    # a loop over the picked individuals only (a dynamic trip count): the others' rows are not touched
+    return jax.lax.fori_loop(0, jnp.sum(picked).astype(jnp.int32), body, (list(leaves), jnp.zeros((n,), bool)))
 
 
 def gaussian_mutation_picked(gene_keys, picked, factors, *, gene_rate, sigma):
@@ -95,10 +157,8 @@ def gaussian_mutation_picked(gene_keys, picked, factors, *, gene_rate, sigma):
     of the population's tree (e.g. one module) with its own gene keys. gene_keys: (n,) keys; picked: (n,) bool;
     sigma: a resolved scalar. Returns (factors', mutated (n,) bool)."""
     leaves, treedef = jax.tree_util.tree_flatten(factors)
-    total = sum(math.prod(x.shape[1:]) for x in leaves)
-    delta, mutated = jax.lax.map(
-        lambda kp: _gaussian_genes(kp[0], kp[1], total, gene_rate=gene_rate, sigma=sigma), (gene_keys, picked))
-    return jax.tree_util.tree_unflatten(treedef, _leaf_apply(leaves, delta)), mutated
+    out, mutated = _mutate_rows(gene_keys, jnp.asarray(picked, bool), leaves, gene_rate=gene_rate, sigma=sigma)
+    return jax.tree_util.tree_unflatten(treedef, out), mutated
 
 
 def gaussian_mutation(key, factors, *, individual_rate, gene_rate, sigma: ScalarOrSchedule, step=0):
@@ -109,15 +169,17 @@ def gaussian_mutation(key, factors, *, individual_rate, gene_rate, sigma: Scalar
     """
     leaves, treedef = jax.tree_util.tree_flatten(factors)
     n = leaves[0].shape[0]
-    sizes = [math.prod(x.shape[1:]) for x in leaves]
     s = resolve_schedule(sigma, step)
-    # lax.map materialises the (P, G) change once; the per-leaf updates are then plain slices + adds. Drawing per
-    # leaf instead compiles one RNG kernel per leaf: ~420 for a SmolLM2 adapter, minutes of XLA compile on CPU.
-    delta, mutated = jax.lax.map(
-        lambda k: _gaussian_delta(k, sum(sizes), individual_rate=individual_rate, gene_rate=gene_rate, sigma=s),
-        jax.random.split(key, n),
-    )
-    return jax.tree_util.tree_unflatten(treedef, _leaf_apply(leaves, delta)), mutated
+
+    def split(k):  # individual i: split(key, P)[i] -> (pick key, gene key), as before the split into picks and genes
+        k_ind, k_genes = jax.random.split(k)
+        return jax.random.bernoulli(k_ind, individual_rate), k_genes
+
+    picked, gene_keys = jax.vmap(split)(jax.random.split(key, n))
+    # one draw over an individual's concatenated genes, not one per leaf: drawing per leaf compiles one RNG
+    # kernel per leaf (~420 for a SmolLM2 adapter, minutes of XLA compile on CPU)
+    out, mutated = _mutate_rows(gene_keys, picked, leaves, gene_rate=gene_rate, sigma=s)
+    return jax.tree_util.tree_unflatten(treedef, out), mutated
 
 
 def _svd_module_one(e, A, B, *, sigma):

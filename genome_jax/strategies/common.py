@@ -414,9 +414,12 @@ def offspring_plan(key, fitness, n: int, strategy: Strategy, params, step) -> di
     return plan
 
 
-def breed_module(plan: dict, mi, module, strategy: Strategy):
+def breed_module(plan: dict, mi, module, strategy: Strategy, front=None):
     """The n children's module `mi` (module: this module's pytree of (P, ...) parents): copy parents[:, 0], merge
-    the crossed children's parents, mutate. Returns (children (n, ...), mutated (n,) bool)."""
+    the crossed children's parents, mutate. front: optional rows (m, ...) placed before the children (elites,
+    GENOME+'s moved particles), joined before the Gaussian mutation so that it updates the one output buffer in
+    place (a join after it made XLA copy the whole buffer on every mutated row). Returns (rows (m + n, ...),
+    mutated (n,) bool of the children)."""
     parents = plan["parents"]
     children = tree_take(module, parents[:, 0])
     if "weights" in plan:
@@ -427,17 +430,23 @@ def breed_module(plan: dict, mi, module, strategy: Strategy):
     keys = fold(plan["gene_keys"], mi)  # (n, g)
     rates = dict(gene_rate=plan["gene_rate"], sigma=plan["sigma"])
     if strategy.mutation == "gaussian":
-        return mutation_ops.gaussian_mutation_picked(keys[:, 0], plan["picked"], children, **rates)
+        picked = plan["picked"]
+        m = 0 if front is None else population_size_of(front)
+        if m:  # the front rows are never picked (their keys are placeholders, never drawn from)
+            children = tree_concat(front, children)
+            picked = jnp.concatenate([jnp.zeros((m,), bool), picked])
+            keys = jnp.concatenate([jnp.repeat(keys[:1], m, axis=0), keys])
+        out, mutated = mutation_ops.gaussian_mutation_picked(keys[:, 0], picked, children, **rates)
+        return out, mutated[m:]
     out, mutated = mutation_ops.svd_mutation_picked(keys, plan["picked"], {"m": children}, **rates)
-    return out["m"], mutated
+    return (out["m"] if front is None else tree_concat(front, out["m"])), mutated
 
 
 @functools.partial(jax.jit, static_argnames=("strategy",))
 def _offspring_module(plan, mi, module, changed, strategy: Strategy):
     """One module of the children, with the elites' copies (plan["elites"]) in front; changed |= mutated."""
-    children, mutated = breed_module(plan, mi, module, strategy)
-    if "elites" in plan:
-        children = tree_concat(tree_take(module, plan["elites"]), children)
+    front = tree_take(module, plan["elites"]) if "elites" in plan else None
+    children, mutated = breed_module(plan, mi, module, strategy, front=front)
     return children, changed | mutated
 
 

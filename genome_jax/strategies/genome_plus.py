@@ -162,13 +162,13 @@ class GenomePlus(common.Strategy):
     @functools.partial(jax.jit, static_argnums=0)
     def _ask_module(self, plan, mi, pop, vel, pbest, best, worst, changed, moved):
         """Module `mi`: the particles' step and the offspring. Returns (children, velocity, changed, moved)."""
-        bred, mutated = common.breed_module(plan, mi, pop, self)
         alive = plan["alive"]
         x, v = succession_move(plan["r"], plan["lam"], pop, vel, pbest, best, worst, config=SuccessionConfig(**plan["swarm"]))
         x = common.tree_where(alive, x, pop)
         v = common.tree_where(alive, v, vel)
         moved = moved | (alive & common.tree_differs(x, pop))
-        return common.tree_concat(x, bred), v, changed | mutated, moved
+        rows, mutated = common.breed_module(plan, mi, pop, self, front=x)  # the moved particles, then the offspring
+        return rows, v, changed | mutated, moved
 
     def tell(self, key, state: GenomePlusState, children, fitness, params):
         """children: (N + n_offspring, ...) from `ask`; fitness: (N + n_offspring,) (copies and empty slots

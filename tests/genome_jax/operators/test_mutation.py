@@ -163,3 +163,85 @@ def test_svd_mutation_sigma_zero_is_identity():
     out, mutated = svd_mutation(jax.random.PRNGKey(0), pop, individual_rate=1.0, gene_rate=1.0, sigma=0.0)
     assert not np.any(np.asarray(mutated))
     np.testing.assert_array_equal(_flat(out), _flat(pop))
+
+
+@JIT
+def test_gaussian_draws_are_the_documented_per_individual_stream(jit):
+    """Individual i draws from split(split(key, P)[i]) = (pick key, gene key): one uniform u per gene over its
+    concatenated leaves; a gene of a picked individual mutates when u < gene_rate, by sigma * ndtri(u / gene_rate)
+    (scipy's ndtri here). The in-place loop that draws only for picked individuals must give exactly this."""
+    from scipy.special import ndtri as np_ndtri
+
+    p, ind_rate, gene_rate, sigma = 12, 0.5, 0.25, 0.05
+    pop = _pop(7, p, r=3, d_in=10, d_out=5)
+    key = jax.random.PRNGKey(11)
+    out, mutated = _call(gaussian_mutation, jit, key, pop, individual_rate=ind_rate, gene_rate=gene_rate,
+                         sigma=sigma)
+    x, y = _flat(pop), _flat(out)
+    want = x.copy()
+    for i, k in enumerate(jax.random.split(key, p)):
+        k_ind, k_genes = jax.random.split(k)
+        if not bool(jax.random.bernoulli(k_ind, ind_rate)):
+            continue
+        u = np.asarray(jax.random.uniform(k_genes, (x.shape[1],), jnp.float32), np.float64)
+        m = u < gene_rate
+        want[i, m] = x[i, m] + sigma * np_ndtri(np.clip(u[m] / gene_rate, 1e-7, 1 - 1e-7))
+    picked = (want != x).any(axis=1)
+    assert 0 < picked.sum() < p
+    np.testing.assert_array_equal(np.asarray(mutated), picked)
+    np.testing.assert_array_equal(y[~picked], x[~picked])
+    np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("gene_rate", [0.01, 0.2], ids=["sparse", "dense-fallback"])
+def test_gaussian_large_parts_match_definition(gene_rate):
+    """Parts of >= SPARSE_MIN_GENES genes draw the mutated positions by geometric gaps (capped at G // 32, so 1%
+    is drawn sparsely and 20% overflows the cap and falls back to one uniform per gene). Either way: genes mutate
+    with probability gene_rate, evenly over positions (first vs second half, and across leaves), and by N(0, sigma^2)."""
+    from genome_jax.operators.mutation import SPARSE_MIN_GENES, _sparse_cap
+
+    p, sigma = 200, 0.05
+    pop = _pop(3, p, r=4, d_in=256, d_out=256, modules=("m",))  # 2048 + 1024 genes per individual
+    g = 4 * 256 + 256 * 4
+    assert g >= SPARSE_MIN_GENES and _sparse_cap(g) and _sparse_cap(g) < 0.2 * g
+    out, mutated = _call(gaussian_mutation, True, jax.random.PRNGKey(8), pop, individual_rate=1.0,
+                         gene_rate=gene_rate, sigma=sigma)
+    x, y = _flat(pop), _flat(out)
+    changed = y != x
+    np.testing.assert_array_equal(np.asarray(mutated), changed.any(axis=1))
+    n = changed.size
+    sd = np.sqrt(n * gene_rate * (1 - gene_rate))
+    assert abs(changed.sum() - n * gene_rate) < 4 * sd
+    half = g // 2  # positions: no drift along the walk (each half holds half the mutations)
+    a, b = changed[:, :half].sum(), changed[:, half:].sum()
+    assert abs(a - b) < 4 * np.sqrt(a + b)
+    adj = (changed[:, 1:] & changed[:, :-1]).sum()  # neighbours both mutated: rate^2 (gaps of 1 occur)
+    want = p * (g - 1) * gene_rate ** 2
+    assert abs(adj - want) < 4 * np.sqrt(want) + 1
+    per_ind = changed.sum(axis=1)  # Binomial(g, rate) per individual: its variance, not a constant count
+    assert 0.6 < per_ind.var() / (g * gene_rate * (1 - gene_rate)) < 1.5
+    d = (y - x)[changed]
+    assert abs(d.mean()) < 4 * sigma / np.sqrt(d.size)
+    assert abs(d.std() / sigma - 1) < 4 / np.sqrt(2 * d.size)
+    kurt = np.mean((d / d.std()) ** 4)  # Gaussian: 3
+    assert abs(kurt - 3) < 4 * np.sqrt(24 / d.size)
+
+
+def test_sparse_draw_is_complete_within_its_cap_only():
+    """The sparse draw reports whether its cap covered every mutated gene: at 1% it does (and its changes sit at
+    distinct positions with N(0, sigma^2) values); at 20% it cannot, so the caller draws densely."""
+    from genome_jax.operators.mutation import _sparse_cap, _sparse_genes
+
+    g = 4096
+    cap = _sparse_cap(g)
+    keys = jax.random.split(jax.random.PRNGKey(9), 300)
+    run = jax.jit(jax.vmap(lambda k, r: _sparse_genes(k, g, cap, gene_rate=r, sigma=0.1)), static_argnums=())
+    d, changed, complete = run(keys, jnp.full((300,), 0.01))
+    assert np.asarray(complete).all() and np.asarray(changed).all()
+    d = np.asarray(d)
+    assert abs((d != 0).sum() - 300 * g * 0.01) < 4 * np.sqrt(300 * g * 0.01)
+    assert abs(d[d != 0].std() / 0.1 - 1) < 0.05
+    _, _, complete = run(keys, jnp.full((300,), 0.2))
+    assert not np.asarray(complete).any()
+    d, changed, complete = run(keys, jnp.zeros((300,)))  # rate 0: nothing, and complete
+    assert np.asarray(complete).all() and not np.asarray(changed).any() and not np.asarray(d).any()
