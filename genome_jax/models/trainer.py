@@ -456,9 +456,13 @@ def options_loss(lora: dict, params: llama.Params, batch: dict, *, config: llama
     item = batch["opt_item"]
     masked = jnp.where(valid, score, -jnp.inf)
     peak = jax.ops.segment_max(masked, item, num_segments=n_opt)  # (I,) with I = O slots
-    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
-    total = jax.ops.segment_sum(jnp.where(valid, jnp.exp(score - peak[item]), 0.0), item, num_segments=n_opt)
-    has = total > 0
+    has = jax.ops.segment_sum(valid.astype(jnp.int32), item, num_segments=n_opt) > 0  # items in the batch
+    peak = jax.lax.stop_gradient(jnp.where(has, peak, 0.0))  # any shift is exact; a constant one has no gradient
+    # exp of a masked argument: an empty slot's score - peak can exceed 88 (long options sum to < -88 nats), and
+    # exp's inf there, though discarded by an outer where, turned the gradient into NaN (0 * inf)
+    e = jnp.exp(jnp.where(valid, score - peak[item], -jnp.inf))
+    total = jax.ops.segment_sum(e, item, num_segments=n_opt)
+    # a NaN score stays NaN in the loss (train_expert stops on it) instead of dropping its item
     lse = jnp.where(has, jnp.log(jnp.where(has, total, 1.0)) + peak, 0.0)
     gold = jax.ops.segment_sum(score * batch["opt_gold"], item, num_segments=n_opt)
     n_items = jnp.maximum(jnp.sum(has), 1)
@@ -517,7 +521,7 @@ def train_expert(key: jax.Array, params: llama.Params, config: llama.LlamaConfig
         lora, opt_state, loss = train_step(lora, opt_state, params, _device_batch(b), config=config, cfg=cfg)
         loss = float(loss)  # syncs: the timing below is honest
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {step}; lower lr")
+            raise FloatingPointError(f"the loss became {loss} at step {step} (lower --lr)")
         if t_first is None:
             t_first = time.perf_counter()
         losses.append(loss)
@@ -525,6 +529,8 @@ def train_expert(key: jax.Array, params: llama.Params, config: llama.LlamaConfig
         n_answer += int(b.tgt_w.sum())
         if on_step is not None:
             on_step(step, loss, b.n_tokens)
+    if not all(bool(jnp.isfinite(x).all()) for x in jax.tree_util.tree_leaves(lora)):  # the last update
+        raise FloatingPointError(f"the weights became non-finite at step {cfg.steps - 1} (lower --lr)")
     seconds = time.perf_counter() - t0
     stats = {"tokens": n_tokens, "answer_tokens": n_answer, "seconds": round(seconds, 2),
              "first_step_s": round(t_first - t0, 2) if t_first else None}
@@ -578,7 +584,11 @@ def train_pool(model_path: str | os.PathLike, experts: Sequence[ExpertSpec], exa
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 bar.update(1)
 
-        factors, losses, stats = train_expert(expert_key(key, spec.name), params, config, exs, cfg, on_step=on_step)
+        try:
+            factors, losses, stats = train_expert(expert_key(key, spec.name), params, config, exs, cfg,
+                                                  on_step=on_step)
+        except FloatingPointError as e:  # nothing is written for this expert; the finished ones stay
+            raise UserError(f"expert '{spec.name}' ({spec.label}): {e}") from None
         if bar is not None:
             bar.close()
         tok_s = stats["tokens"] / max(stats["seconds"], 1e-9)

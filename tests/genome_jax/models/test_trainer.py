@@ -427,3 +427,57 @@ def test_options_fields_enter_the_recipe_hash_only_under_the_options_loss(tmp_pa
     opt = trainer.recipe_hash(tmp_path, spec, trainer.TrainConfig(loss="options"))
     weighted = trainer.TrainConfig(loss="options", ce_weight=1.0)
     assert opt != plain and opt != trainer.recipe_hash(tmp_path, spec, weighted)
+
+
+def test_options_loss_gradient_is_finite_for_long_options(tiny):
+    """Options whose summed log-likelihood is far below -88 nats (long options, e.g. PIQA's) once made exp overflow
+    in a discarded branch and the gradient NaN (0 * inf); the NaN scores then read as an empty batch, a loss of 0.
+    The loss must equal the softmax over the items' scores and its gradient must be finite."""
+    _, model, cfg, params = tiny
+    rs = np.random.RandomState(12)
+    items = []
+    for _ in range(3):
+        prompt = [int(t) for t in rs.randint(1, cfg.vocab_size, 4)]
+        opts = tuple(trainer.Example(tokens=tuple(prompt + [int(t) for t in rs.randint(1, cfg.vocab_size, 40)]),
+                                     n_target=40) for _ in range(2))
+        items.append(trainer.ChoiceExample(options=opts, gold=int(rs.randint(2))))
+    long_cfg = dataclasses.replace(OPTIONS, seq_len=96, max_targets=80, batch_rows=3)
+    b = trainer._device_batch(next(trainer.packed_choice_batches(items, long_cfg, seed=0)))
+    lora = trainer.init_lora(jax.random.key(1), cfg, long_cfg)
+    lora = jax.tree.map(lambda x: x + 0.05, lora)  # B != 0: a real gradient through the adapter
+    loss, grads = jax.value_and_grad(trainer.answer_loss)(lora, params, b, config=cfg, cfg=long_cfg)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree_util.tree_leaves(grads))
+    logits = llama.forward(params, b["tokens"], config=cfg, lora=trainer.scaled(lora, long_cfg.scale),
+                           positions=b["positions"], segment_ids=b["segments"])
+    lp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32)), np.float64)  # (B, T, V): adapter 0
+    w = np.asarray(b["tgt_w"]) > 0
+    tok = lp[np.asarray(b["tgt_row"]), np.asarray(b["tgt_pos"]), np.asarray(b["tgt_tok"])]
+    score = np.bincount(np.asarray(b["tgt_opt"])[w], weights=tok[w], minlength=long_cfg.max_options)
+    real = np.asarray(b["opt_w"]) > 0
+    assert score[real].max() < -88  # the regime that overflowed
+    nll = []
+    for it in np.unique(np.asarray(b["opt_item"])[real]):
+        s = score[real & (np.asarray(b["opt_item"]) == it)]
+        g = score[real & (np.asarray(b["opt_item"]) == it) & (np.asarray(b["opt_gold"]) > 0)][0]
+        nll.append(np.log(np.exp(s - s.max()).sum()) + s.max() - g)
+    np.testing.assert_allclose(float(loss), np.mean(nll), rtol=1e-4)
+
+
+def test_a_diverged_expert_is_one_error_line_naming_it(tmp_path, make_tiny_llama, monkeypatch):
+    """A non-finite loss (injected) stops the pool with one UserError naming the expert; no adapter is written
+    for it."""
+    make_tiny_llama(tmp_path / "base", tied=True)
+    cfg = trainer.TrainConfig(rank=2, alpha=4.0, steps=2, lr=1e-2, warmup_steps=1, batch_rows=1, seq_len=48,
+                              max_targets=8)
+    real_step = trainer.train_step
+
+    def nan_step(*a, **kw):
+        lora, opt, loss = real_step(*a, **kw)
+        return lora, opt, loss * jnp.nan
+
+    monkeypatch.setattr(trainer, "train_step", nan_step)
+    spec = trainer.ExpertSpec("piqa_like", "piqa", "test", 200)
+    with pytest.raises(UserError, match=r"^expert 'piqa_like' \(piqa:test\[200:\]\): the loss became nan at step 0"):
+        trainer.train_pool(tmp_path / "base", [spec], [_examples(96, 8)], tmp_path / "out", cfg, progress=False)
+    assert not (tmp_path / "out" / "piqa_like").exists()
