@@ -46,17 +46,17 @@ def resolve_schedule(value: ScalarOrSchedule, step) -> jax.Array:
     return jnp.asarray(v, jnp.float32)
 
 
-def _gaussian_genes(k_genes, picked, n_genes: int, *, gene_rate, sigma):
-    """One individual's additive change over its flattened genes: ((n_genes,) float32, changed: () bool).
+def _gaussian_genes(k_genes, n_genes: int, *, gene_rate, sigma):
+    """One picked individual's additive change over its flattened genes: ((n_genes,) float32, changed: () bool).
 
-    One uniform draw u per gene decides both things: the gene mutates when u < gene_rate (and the individual was
-    picked), and then u / gene_rate ~ U(0, 1) gives the noise sigma * Phi^-1(u / gene_rate) ~ N(0, sigma^2), so
+    One uniform draw u per gene decides both things: the gene mutates when u < gene_rate, and then
+    u / gene_rate ~ U(0, 1) gives the noise sigma * Phi^-1(u / gene_rate) ~ N(0, sigma^2), so
     the draw costs one random number per gene. (float32 uniforms have 2^-23 resolution, so the noise's tails are
     cut near |z| = 4.4 sigma at gene_rate 0.01; nothing else about the distribution changes.)
     """
     u = jax.random.uniform(k_genes, (n_genes,), jnp.float32)
     rate = jnp.asarray(gene_rate, jnp.float32)
-    mask = (u < rate) & picked  # gene_rate 0: never (u >= 0)
+    mask = u < rate  # gene_rate 0: never (u >= 0)
     z = ndtri(jnp.clip(u / jnp.maximum(rate, 1e-30), 1e-7, 1.0 - 1e-7))
     return jnp.where(mask, sigma * z, 0.0), jnp.any(mask) & (sigma != 0)
 
@@ -119,11 +119,10 @@ def _mutate_rows(gene_keys, picked, leaves, *, gene_rate, sigma):
     n = leaves[0].shape[0]
     sizes = [math.prod(x.shape[1:]) for x in leaves]
     total = sum(sizes)
-
     cap = _sparse_cap(total)
 
     def dense(key):
-        return _gaussian_genes(key, jnp.bool_(True), total, gene_rate=gene_rate, sigma=sigma)
+        return _gaussian_genes(key, total, gene_rate=gene_rate, sigma=sigma)
 
     def mutate(key, rows):
         if cap:
@@ -170,15 +169,10 @@ def gaussian_mutation(key, factors, *, individual_rate, gene_rate, sigma: Scalar
     leaves, treedef = jax.tree_util.tree_flatten(factors)
     n = leaves[0].shape[0]
     s = resolve_schedule(sigma, step)
-
-    def split(k):  # individual i: split(key, P)[i] -> (pick key, gene key), as before the split into picks and genes
-        k_ind, k_genes = jax.random.split(k)
-        return jax.random.bernoulli(k_ind, individual_rate), k_genes
-
-    picked, gene_keys = jax.vmap(split)(jax.random.split(key, n))
+    picked, gene_keys = pick_individuals(key, n, individual_rate)
     # one draw over an individual's concatenated genes, not one per leaf: drawing per leaf compiles one RNG
     # kernel per leaf (~420 for a SmolLM2 adapter, minutes of XLA compile on CPU)
-    out, mutated = _mutate_rows(gene_keys, picked, leaves, gene_rate=gene_rate, sigma=s)
+    out, mutated = _mutate_rows(gene_keys[:, 0], picked, leaves, gene_rate=gene_rate, sigma=s)
     return jax.tree_util.tree_unflatten(treedef, out), mutated
 
 
