@@ -166,14 +166,12 @@ def gaussian_mutation(key, factors, *, individual_rate, gene_rate, sigma: Scalar
     factors: pytree with leaves (P, ...); individual_rate, gene_rate: probabilities in [0, 1];
     sigma: noise std (float or optax schedule of `step`). Returns (factors', mutated: (P,) bool).
     """
-    leaves, treedef = jax.tree_util.tree_flatten(factors)
-    n = leaves[0].shape[0]
-    s = resolve_schedule(sigma, step)
+    n = jax.tree_util.tree_leaves(factors)[0].shape[0]
     picked, gene_keys = pick_individuals(key, n, individual_rate)
     # one draw over an individual's concatenated genes, not one per leaf: drawing per leaf compiles one RNG
     # kernel per leaf (~420 for a SmolLM2 adapter, minutes of XLA compile on CPU)
-    out, mutated = _mutate_rows(gene_keys[:, 0], picked, leaves, gene_rate=gene_rate, sigma=s)
-    return jax.tree_util.tree_unflatten(treedef, out), mutated
+    return gaussian_mutation_picked(gene_keys[:, 0], picked, factors, gene_rate=gene_rate,
+                                    sigma=resolve_schedule(sigma, step))
 
 
 def _svd_module_one(e, A, B, *, sigma):
