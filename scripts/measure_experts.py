@@ -5,6 +5,9 @@ candidate sources (kept when the dev gain exceeds 2 paired SE), then the held-ou
 
     python -m scripts.measure_experts POOL_DIR --kept commonsense_qa truthfulqa boolq \\
         --candidates hellaswag winogrande medmcqa openbookqa [--n 200] [--out experts.jsonl]
+
+`--screen_only` scores the candidates on dev and reads no test item: for comparing several recipes on dev, so
+that test is read once, for the recipe chosen.
 """
 from __future__ import annotations
 
@@ -25,6 +28,14 @@ def paired(base: list[float], expert: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1)) / math.sqrt(len(d))
 
 
+def held_out_reads(kept: list[str], screened: list[dict], screen_only: bool) -> list[str]:
+    """The experts whose held-out test items are read: the kept ones, then each screened candidate whose dev gain
+    exceeds 2 paired SE; none under screen_only."""
+    if screen_only:
+        return []
+    return list(kept) + [r["expert"] for r in screened if r["gain"] > 2 * r["paired_se"]]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("pool", help="folder of expert adapters named after their tasks")
@@ -33,8 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=200, help="first N items of each split")
     p.add_argument("--model_path", default=None)
     p.add_argument("--out", default=None, help="also append the JSON lines here")
+    p.add_argument("--screen_only", action="store_true", help="dev screen of the candidates only; read no test item")
     args = p.parse_args(argv)
 
+    if args.screen_only and args.kept:
+        p.error("--screen_only reads no test item, so --kept has nothing to do; drop one of them")
     model = args.model_path or str(default_model_path())
     ev = make_evaluator(model, progress=False)
 
@@ -54,13 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(line + "\n")
         return r
 
-    kept = list(args.kept)
     try:
-        for name in args.candidates:
-            r = row(name, "dev")
-            if r["gain"] > 2 * r["paired_se"]:
-                kept.append(name)
-        for name in kept:
+        screened = [row(name, "dev") for name in args.candidates]
+        for name in held_out_reads(args.kept, screened, args.screen_only):
             row(name, "test")
     finally:
         ev.close()
