@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 from evaluators.backends import make_evaluator
+from evaluators.errors import UserError
 from evaluators.tasks import get_task
 from genome_jax.model_store import default_model_path
 
@@ -30,10 +33,24 @@ def paired(base: list[float], expert: list[float]) -> tuple[float, float]:
 
 def held_out_reads(kept: list[str], screened: list[dict], screen_only: bool) -> list[str]:
     """The experts whose held-out test items are read: the kept ones, then each screened candidate whose dev gain
-    exceeds 2 paired SE; none under screen_only."""
+    exceeds 2 paired SE, each once; none under screen_only."""
     if screen_only:
         return []
-    return list(kept) + [r["expert"] for r in screened if r["gain"] > 2 * r["paired_se"]]
+    names = list(kept) + [r["expert"] for r in screened if r["gain"] > 2 * r["paired_se"]]
+    return list(dict.fromkeys(names))
+
+
+def pool_max_rank(pool: str, names: list[str]) -> int:
+    """The largest LoRA rank among the named adapters of the pool (their adapter_config.json "r"), at least 16 (the
+    evaluator's default max_lora_rank), so that a pool of higher-rank adapters is measured as it is."""
+    ranks = [16]
+    for name in names:
+        cfg = Path(pool) / name / "adapter_config.json"
+        try:
+            ranks.append(int(json.loads(cfg.read_text())["r"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{cfg}: not a readable PEFT adapter config ({e.__class__.__name__}: {e})") from None
+    return max(ranks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,8 +66,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.screen_only and args.kept:
         p.error("--screen_only reads no test item, so --kept has nothing to do; drop one of them")
+    try:
+        return _measure(args)
+    except UserError as e:
+        print(f"measure_experts: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _measure(args: argparse.Namespace) -> int:
     model = args.model_path or str(default_model_path())
-    ev = make_evaluator(model, progress=False)
+    rank = pool_max_rank(args.pool, list(args.kept) + list(args.candidates))
+    ev = make_evaluator(model, progress=False, max_lora_rank=rank)
 
     def row(name: str, split: str) -> dict:
         task = get_task(name, formatter=model, mode="loglik")

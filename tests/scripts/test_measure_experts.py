@@ -20,6 +20,8 @@ def test_held_out_reads_keep_the_kept_then_the_passing_candidates_and_none_when_
                 {"expert": "c", "gain": -0.1, "paired_se": 0.01}]
     assert held_out_reads(["k"], screened, screen_only=False) == ["k", "a"]
     assert held_out_reads(["k"], screened, screen_only=True) == []
+    # a replication screens a source and keeps it whatever the screen says: its test items are read once
+    assert held_out_reads(["a"], screened, screen_only=False) == ["a"]
 
 
 def test_screen_only_with_kept_is_one_error_line(capsys):
@@ -32,3 +34,23 @@ def test_screen_only_with_kept_is_one_error_line(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--screen_only" in err and "--kept" in err
+
+
+def test_pool_max_rank_reads_the_adapters_ranks_and_never_goes_below_the_evaluator_default(tmp_path):
+    import json
+
+    from scripts.measure_experts import pool_max_rank
+
+    for name, r in (("mmlu", 32), ("arc_c", 4)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": r}))
+    assert pool_max_rank(str(tmp_path), ["mmlu", "arc_c"]) == 32
+    assert pool_max_rank(str(tmp_path), ["arc_c"]) == 16
+
+
+def test_a_missing_adapter_is_one_error_line_naming_it_before_any_engine_starts(tmp_path, capsys):
+    from scripts.measure_experts import main
+
+    assert main([str(tmp_path), "--candidates", "mmlu", "--screen_only"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "mmlu" / "adapter_config.json") in err[0], err
