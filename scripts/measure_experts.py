@@ -16,12 +16,13 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 from evaluators.backends import make_evaluator
+from evaluators.backends.peft_folder import adapter_info
 from evaluators.errors import UserError
 from evaluators.tasks import get_task
 from genome_jax.model_store import default_model_path
+from scripts.scoring import max_lora_rank
 
 
 def paired(base: list[float], expert: list[float]) -> tuple[float, float]:
@@ -41,16 +42,9 @@ def held_out_reads(kept: list[str], screened: list[dict], screen_only: bool) -> 
 
 
 def pool_max_rank(pool: str, names: list[str]) -> int:
-    """The largest LoRA rank among the named adapters of the pool (their adapter_config.json "r"), at least 16 (the
-    evaluator's default max_lora_rank), so that a pool of higher-rank adapters is measured as it is."""
-    ranks = [16]
-    for name in names:
-        cfg = Path(pool) / name / "adapter_config.json"
-        try:
-            ranks.append(int(json.loads(cfg.read_text())["r"]))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{cfg}: not a readable PEFT adapter config ({e.__class__.__name__}: {e})") from None
-    return max(ranks)
+    """vLLM's max_lora_rank for the named adapters of the pool: the next size it supports above their largest rank,
+    at least 16, so that a pool of higher-rank adapters is measured as it is. A bad folder is a UserError naming it."""
+    return max_lora_rank(max((adapter_info(f"{pool}/{name}").rank for name in names), default=0))
 
 
 def main(argv: list[str] | None = None) -> int:
